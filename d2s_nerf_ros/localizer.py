@@ -1,0 +1,225 @@
+"""The onboard localizer: one image + intrinsics -> camera pose in the map, or a reason why not.
+
+Pipeline: check the image -> local features with the map's extractor -> D2S scene
+coordinates and reliabilities -> keep the reliable ones -> undistort the keypoints ->
+PnP-RANSAC (``d2s_nerf_ros.pnp``). ``Localizer.localize`` never raises: anything that goes
+wrong with a frame becomes ``success=False`` with a reason, so a node can keep running
+whatever the camera sends.
+
+Onboard only: torch, numpy, OpenCV, poselib (no nerfstudio, pycolmap, rosbags).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from d2s_nerf_ros.camera import CameraIntrinsics
+from d2s_nerf_ros.device import resolve_device
+from d2s_nerf_ros.map_bundle import MapBundle
+from d2s_nerf_ros.models.d2s import reliability
+from d2s_nerf_ros.pnp import PnPConfig, solve_pnp_ransac
+
+# Smallest image side the localizer accepts; below this no extractor finds useful structure.
+MIN_IMAGE_SIDE_PX = 16
+
+
+@dataclass
+class LocalizerConfig:
+    max_keypoints: int = 1024
+    reliability_threshold: float = 0.5
+    ransac_threshold_px: float = 12.0  # at 640x480, scaled with the image diagonal
+    ransac_iterations: int = 10000
+    min_inliers: int = 15
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if isinstance(self.max_keypoints, bool) or int(self.max_keypoints) < 4:
+            raise ValueError(f"max_keypoints must be an integer >= 4, got {self.max_keypoints!r}")
+        if not (math.isfinite(self.reliability_threshold) and 0.0 <= self.reliability_threshold <= 1.0):
+            raise ValueError(f"reliability_threshold must be in [0, 1], got {self.reliability_threshold}")
+        if not (math.isfinite(self.ransac_threshold_px) and self.ransac_threshold_px > 0):
+            raise ValueError(f"ransac_threshold_px must be positive, got {self.ransac_threshold_px}")
+        if int(self.ransac_iterations) < 1:
+            raise ValueError(f"ransac_iterations must be >= 1, got {self.ransac_iterations}")
+        if int(self.min_inliers) < 4:
+            raise ValueError(f"min_inliers must be >= 4, got {self.min_inliers}")
+
+    def pnp_config(self) -> PnPConfig:
+        return PnPConfig(threshold_px=float(self.ransac_threshold_px), iterations=int(self.ransac_iterations),
+                         min_inliers=int(self.min_inliers))
+
+    @property
+    def fallback_top_k(self) -> int:
+        """How many of the most reliable predictions PnP gets when too few pass the threshold."""
+        return max(4 * int(self.min_inliers), 100)
+
+
+@dataclass
+class LocalizationResult:
+    success: bool
+    reason: str                         # "" on success
+    T_world_cam: np.ndarray | None      # 4x4 camera-to-world in the map frame; None on failure
+    covariance: np.ndarray | None       # 6x6 (x y z rx ry rz) of the camera pose in world, see pnp.py
+    n_keypoints: int
+    n_reliable: int                     # predictions that passed the reliability threshold
+    n_inliers: int
+    timings_ms: dict[str, float] = field(default_factory=dict)  # extract, d2s, pnp, total (stages reached)
+    used_fallback: bool = False         # too few reliable predictions: PnP got the top-k most reliable
+    reprojection_rmse_px: float = float("nan")
+
+
+class FrameRejected(Exception):
+    """A frame the localizer cannot use; the message is the failure reason."""
+
+
+def check_frame(image: object, camera: object) -> np.ndarray:
+    """The image as uint8 (RGB HxWx3 or grey HxW) matching ``camera``, or ``FrameRejected``."""
+    if image is None:
+        raise FrameRejected("no image")
+    if not isinstance(image, np.ndarray):
+        raise FrameRejected(f"image must be a numpy array, got {type(image).__name__}")
+    if not isinstance(camera, CameraIntrinsics):
+        raise FrameRejected(f"camera must be CameraIntrinsics, got {type(camera).__name__}")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise FrameRejected(f"image dtype {image.dtype} is not supported (uint8 or uint16)")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise FrameRejected(f"image must be grey HxW or RGB HxWx3, got shape {image.shape}")
+    height, width = image.shape[:2]
+    if height == 0 or width == 0:
+        raise FrameRejected(f"image is empty ({width}x{height})")
+    if (width, height) != (int(camera.width), int(camera.height)):
+        raise FrameRejected(f"image size {width}x{height} does not match camera info {camera.width}x{camera.height}")
+    if min(width, height) < MIN_IMAGE_SIDE_PX:
+        raise FrameRejected(f"image {width}x{height} is too small (minimum side {MIN_IMAGE_SIDE_PX} px)")
+    if image.dtype == np.uint16:
+        from d2s_nerf_ros.image_conversion import to_uint8
+
+        image = to_uint8(image)
+    return np.ascontiguousarray(image)
+
+
+class Localizer:
+    def __init__(self, bundle: MapBundle, config: LocalizerConfig | None = None) -> None:
+        from d2s_nerf_ros.features import extractor_from_config
+
+        self.config = config or LocalizerConfig()
+        self.config.validate()
+        self.bundle = bundle
+        self.device = resolve_device(self.config.device)
+        # The map fixes the feature type; the runtime chooses how many keypoints to spend.
+        extractor_config = dict(bundle.extractor_config)
+        extractor_config["max_keypoints"] = int(self.config.max_keypoints)
+        self.extractor = extractor_from_config(extractor_config, device=str(self.device.type))
+        self.model = bundle.build_model(self.device)
+        model_dim = int(self.model.config.descriptor_dim)
+        if int(self.extractor.descriptor_dim) != model_dim:
+            raise ValueError(f"the map's D2S model expects {model_dim}-d descriptors but its extractor "
+                             f"{extractor_config.get('name')!r} gives {self.extractor.descriptor_dim}-d ones")
+        self.pnp_config = self.config.pnp_config()
+
+    @classmethod
+    def from_path(cls, map_path: Path | str, config: LocalizerConfig | None = None) -> "Localizer":
+        return cls(MapBundle.load(Path(map_path), device="cpu"), config or LocalizerConfig())
+
+    # ------------------------------------------------------------------ public
+    def localize(self, image: np.ndarray, camera: CameraIntrinsics) -> LocalizationResult:
+        """Never raises: every problem with the frame is a failed result with a reason."""
+        timings: dict[str, float] = {}
+        counts = {"n_keypoints": 0, "n_reliable": 0, "n_inliers": 0}
+        t_start = time.perf_counter()
+        try:
+            result = self._localize(image, camera, timings, counts)
+        except FrameRejected as exc:
+            result = self._failure(str(exc), counts, timings)
+        except Exception as exc:  # noqa: BLE001 - the contract: a bad frame never takes the caller down
+            result = self._failure(f"{type(exc).__name__}: {exc}", counts, timings)
+        result.timings_ms["total"] = (time.perf_counter() - t_start) * 1e3
+        return result
+
+    def warmup(self) -> LocalizationResult:
+        """Run one synthetic frame so that lazy initialisation and kernel selection happen now."""
+        camera = self.bundle.camera
+        rng = np.random.default_rng(0)
+        # Smoothed noise: textured enough for every extractor to fire.
+        import cv2
+
+        noise = rng.integers(0, 256, (camera.height, camera.width, 3), dtype=np.uint8)
+        image = cv2.GaussianBlur(noise, (5, 5), 1.5)
+        return self.localize(image, camera)
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _failure(reason: str, counts: dict[str, int], timings: dict[str, float]) -> LocalizationResult:
+        return LocalizationResult(success=False, reason=reason, T_world_cam=None, covariance=None,
+                                  n_keypoints=counts["n_keypoints"], n_reliable=counts["n_reliable"],
+                                  n_inliers=counts["n_inliers"], timings_ms=timings)
+
+    def _localize(self, image: object, camera: object, timings: dict[str, float],
+                  counts: dict[str, int]) -> LocalizationResult:
+        image = check_frame(image, camera)
+        assert isinstance(camera, CameraIntrinsics)
+        min_inliers = int(self.config.min_inliers)
+
+        t0 = time.perf_counter()
+        features = self.extractor.extract(image)
+        timings["extract"] = (time.perf_counter() - t0) * 1e3
+        n_keypoints = len(features.keypoints)
+        counts["n_keypoints"] = n_keypoints
+        if n_keypoints < min_inliers:
+            raise FrameRejected(f"only {n_keypoints} keypoints detected (need at least {min_inliers})")
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            descriptors = torch.from_numpy(features.descriptors).to(self.device)[None]
+            mask = torch.ones(descriptors.shape[:2], dtype=torch.bool, device=self.device)
+            xyz_t, u_t = self.model(descriptors, mask)
+            r_t = reliability(u_t[0])
+            xyz = xyz_t[0].float().cpu().numpy().astype(np.float64)
+            r = r_t.float().cpu().numpy().astype(np.float64)
+        timings["d2s"] = (time.perf_counter() - t0) * 1e3
+
+        finite = np.isfinite(xyz).all(axis=1) & np.isfinite(r)
+        reliable = finite & (r >= float(self.config.reliability_threshold))
+        n_reliable = int(reliable.sum())
+        counts["n_reliable"] = n_reliable
+        used_fallback = False
+        if n_reliable >= min_inliers:
+            selected = np.flatnonzero(reliable)
+        else:
+            # Too few confident predictions: let RANSAC sort out the most reliable ones anyway.
+            candidates = np.flatnonzero(finite)
+            order = np.argsort(-r[candidates], kind="stable")
+            selected = candidates[order[: self.config.fallback_top_k]]
+            used_fallback = True
+
+        t0 = time.perf_counter()
+        points2D = camera.undistort_points(features.keypoints[selected].astype(np.float64))
+        pnp = solve_pnp_ransac(points2D, xyz[selected], camera, self.pnp_config)
+        timings["pnp"] = (time.perf_counter() - t0) * 1e3
+        counts["n_inliers"] = int(pnp.n_inliers)
+
+        success = bool(pnp.success) and pnp.n_inliers >= min_inliers
+        reason = pnp.reason
+        if used_fallback:
+            note = (f"only {n_reliable} predictions with reliability >= {self.config.reliability_threshold:g}; "
+                    f"used the {len(selected)} most reliable")
+            reason = f"{reason} ({note})" if reason else ""
+        if not success:
+            if not reason:
+                reason = f"only {pnp.n_inliers} inliers (minimum {min_inliers})"
+            result = self._failure(reason, counts, timings)
+            result.used_fallback = used_fallback
+            return result
+        return LocalizationResult(
+            success=True, reason="", T_world_cam=pnp.T_world_cam, covariance=pnp.covariance,
+            n_keypoints=n_keypoints, n_reliable=n_reliable, n_inliers=int(pnp.n_inliers), timings_ms=timings,
+            used_fallback=used_fallback, reprojection_rmse_px=float(pnp.reprojection_rmse_px),
+        )

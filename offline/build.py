@@ -1,0 +1,400 @@
+"""``d2s-nerf build``: mapping frames -> labels -> [NeRF synthesis] -> D2S -> map bundle.
+
+Every stage is cached in the work directory (see ``offline/stages.py``), so an
+interrupted build resumes, and a rebuild with other training settings reuses the
+features, matches and labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from d2s_nerf_ros.camera import CameraIntrinsics
+from offline.labelled import LabelledImage, load_labelled, save_labelled
+from offline.sources.frames import Frame, FrameSet, even_indices
+from offline.stages import StageRunner, fingerprint, to_jsonable, write_json_atomic
+
+LABEL_MODES = ("triangulation", "depth", "both")
+
+
+@dataclass
+class ExtractorSettings:
+    name: str = "aliked"
+    max_keypoints: int = 1024
+    resize_max: int | None = None
+
+
+@dataclass
+class BuildConfig:
+    profile: str = "fast"
+    extractor: ExtractorSettings = field(default_factory=ExtractorSettings)
+    matcher: str = "lightglue"          # "lightglue" | "mnn"
+    fraction: float | None = None
+    every: int | None = None
+    labels: str = "triangulation"       # LABEL_MODES
+    num_pair_neighbours: int = 5
+    augment_per_image: int = 6
+    train_iterations: int = 6000
+    train_images_per_batch: int = 4
+    train_keypoints_per_image: int = 1024
+    synthesis: bool = True
+    synthetic_labels: str = "matches"   # "matches" | "depth" | "both"
+    synthetic_ratio: float = 0.5
+    nerf_iterations: int = 1500
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}")
+        if self.matcher not in ("lightglue", "mnn"):
+            raise ValueError(f"matcher must be lightglue or mnn, got {self.matcher!r}")
+        if self.synthetic_labels not in ("matches", "depth", "both"):
+            raise ValueError(f"synthetic labels must be matches, depth or both, got {self.synthetic_labels!r}")
+        if self.fraction is not None and self.every is not None:
+            raise ValueError("give --fraction or --every, not both")
+
+
+def profile_config(profile: str) -> BuildConfig:
+    """The two named profiles. ``fast``: a 20-frame map on 2 CPU cores in well under 20 minutes
+    (without synthesis). ``paper``: the papers' settings, meant for a GPU."""
+    if profile == "fast":
+        return BuildConfig(profile="fast")
+    if profile == "paper":
+        return BuildConfig(
+            profile="paper",
+            extractor=ExtractorSettings(name="superpoint", max_keypoints=2048),
+            augment_per_image=20,
+            train_iterations=100_000,
+            train_images_per_batch=8,
+            train_keypoints_per_image=2048,
+            nerf_iterations=30_000,
+        )
+    raise ValueError(f"unknown profile {profile!r}; known: fast, paper")
+
+
+@dataclass
+class BuildSummary:
+    map_path: Path
+    work_dir: Path
+    n_frames: int
+    n_labelled_keypoints: int
+    n_augmented_images: int
+    n_synthetic_images: int
+    final_loss: float | None
+    timings_s: dict[str, float]
+    cached: dict[str, bool]
+
+    def lines(self) -> list[str]:
+        out = [
+            f"map bundle        {self.map_path}",
+            f"work directory    {self.work_dir}",
+            f"mapping frames    {self.n_frames}",
+            f"labelled 3D kps   {self.n_labelled_keypoints}",
+            f"augmented images  {self.n_augmented_images}",
+            f"synthetic images  {self.n_synthetic_images}",
+            f"final train loss  {self.final_loss if self.final_loss is None else round(self.final_loss, 4)}",
+        ]
+        for name, secs in self.timings_s.items():
+            out.append(f"  {name:<16}{secs:8.1f} s{'  (cached)' if self.cached.get(name) else ''}")
+        return out
+
+
+# --------------------------------------------------------------------------- stages
+
+def select_mapping_frames(frameset: FrameSet, fraction: float | None, every: int | None) -> FrameSet:
+    if fraction is None and every is None:
+        return frameset
+    idx = even_indices(len(frameset), fraction=fraction, every=every)
+    if not idx:
+        raise ValueError("the frame selection is empty: check --fraction/--every against the number of frames")
+    return frameset.subset(idx)
+
+
+def _save_features(path: Path, feats: dict[str, Any]) -> None:
+    arrays = {}
+    for i, (name, f) in enumerate(feats.items()):
+        arrays[f"{i}/name"] = np.array(name)
+        arrays[f"{i}/keypoints"] = f.keypoints
+        arrays[f"{i}/descriptors"] = f.descriptors
+        arrays[f"{i}/scores"] = f.scores
+        arrays[f"{i}/image_size"] = np.array(f.image_size)
+    arrays["count"] = np.array(len(feats))
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _load_features(path: Path) -> dict[str, Any]:
+    from d2s_nerf_ros.features.base import Features
+
+    out = {}
+    with np.load(path, allow_pickle=False) as z:
+        for i in range(int(z["count"])):
+            w, h = z[f"{i}/image_size"]
+            out[str(z[f"{i}/name"])] = Features(
+                keypoints=z[f"{i}/keypoints"], descriptors=z[f"{i}/descriptors"],
+                scores=z[f"{i}/scores"], image_size=(int(w), int(h)))
+    return out
+
+
+def extract_features_stage(frames: list[Frame], extractor, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    feats = {}
+    for frame in tqdm(frames, desc="features", disable=not progress):
+        feats[frame.name] = extractor.extract(frame.load_rgb())
+    _save_features(out_dir / "features.npz", feats)
+    return feats
+
+
+def _save_matches(path: Path, matches: dict[tuple[str, str], np.ndarray]) -> None:
+    arrays = {"count": np.array(len(matches))}
+    for i, ((a, b), m) in enumerate(matches.items()):
+        arrays[f"{i}/pair"] = np.array([a, b])
+        arrays[f"{i}/indices"] = np.asarray(m, dtype=np.int64).reshape(-1, 2)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _load_matches(path: Path) -> dict[tuple[str, str], np.ndarray]:
+    out = {}
+    with np.load(path, allow_pickle=False) as z:
+        for i in range(int(z["count"])):
+            a, b = (str(s) for s in z[f"{i}/pair"])
+            out[(a, b)] = z[f"{i}/indices"]
+    return out
+
+
+def labelled_from_labels(frames: list[Frame], feats: dict[str, Any],
+                         labels: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[LabelledImage]:
+    out = []
+    for frame in frames:
+        f = feats[frame.name]
+        pts, valid = labels[frame.name]
+        out.append(LabelledImage(
+            name=frame.name, keypoints=f.keypoints.astype(np.float32), descriptors=f.descriptors.astype(np.float32),
+            points3D=np.nan_to_num(pts.astype(np.float32)), valid=valid.astype(bool),
+            camera=frame.camera, T_world_cam=frame.T_world_cam, source="real"))
+    return out
+
+
+def merge_labels(primary: tuple[np.ndarray, np.ndarray], secondary: tuple[np.ndarray, np.ndarray]):
+    """Primary labels where valid, else secondary's (used for labels='both')."""
+    p, pv = primary
+    s, sv = secondary
+    pts = np.where(pv[:, None], p, s)
+    return pts, pv | sv
+
+
+# --------------------------------------------------------------------------- build
+
+def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path | None = None,
+              log: Callable[[str], None] = print, progress: bool = True,
+              query_frames: list[Frame] | None = None) -> BuildSummary:
+    """Build a map bundle at ``out`` from posed frames (already selected or selected here)."""
+    import torch
+
+    from d2s_nerf_ros.device import resolve_device
+    from d2s_nerf_ros.features import make_extractor
+    from d2s_nerf_ros.map_bundle import MapBundle
+    from d2s_nerf_ros.models.d2s import D2SConfig
+    from offline.augment import AugmentConfig, augment_images
+    from offline.depth_labels import depth_labels
+    from offline.matching import make_matcher, match_pairs
+    from offline.pairs import PairsConfig, select_pairs
+    from offline.train_d2s import D2STrainConfig, train_d2s
+    from offline.triangulation import TriangulationConfig, triangulate_labels
+
+    config.validate()
+    out = Path(out)
+    work_dir = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+    runner = StageRunner(work_dir, log=log)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+
+    mapping = select_mapping_frames(frameset, config.fraction, config.every)
+    frames = list(mapping.frames)
+    if len(frames) < 2:
+        raise ValueError(f"a map needs at least 2 mapping frames, got {len(frames)}")
+    cameras = {(f.camera.width, f.camera.height) for f in frames}
+    if len(cameras) != 1:
+        raise ValueError(f"all mapping frames must share one image size, got {sorted(cameras)}")
+    frames_key = fingerprint([(f.name, f.T_world_cam, f.camera.to_dict()) for f in frames])
+    mapping.save(work_dir / "mapping_frames.json")
+
+    extractor = make_extractor(config.extractor.name, max_keypoints=config.extractor.max_keypoints,
+                               device=config.device, resize_max=config.extractor.resize_max)
+    feat_key = fingerprint(frames_key, extractor.config())
+    feats = runner.run("features", feat_key,
+                       lambda d: extract_features_stage(frames, extractor, d, progress),
+                       lambda d: _load_features(d / "features.npz"))
+
+    # Labels --------------------------------------------------------------------
+    need_tri = config.labels in ("triangulation", "both")
+    need_depth = config.labels in ("depth", "both")
+    if need_depth and any(f.depth_path is None for f in frames):
+        raise ValueError(f"labels={config.labels!r} needs depth images, and this source has none; use --labels triangulation")
+
+    pairs_cfg = PairsConfig(num_neighbours=config.num_pair_neighbours)
+    tri_cfg = TriangulationConfig()
+    labels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if need_tri:
+        def compute_matches(d: Path):
+            pairs = select_pairs(frames, pairs_cfg)
+            matcher = make_matcher(config.matcher, config.extractor.name, device=config.device)
+            results = match_pairs(pairs, feats, matcher)
+            matches = {k: v.indices for k, v in results.items()}
+            _save_matches(d / "matches.npz", matches)
+            return matches
+
+        match_key = fingerprint(feat_key, pairs_cfg, config.matcher)
+        matches = runner.run("matches", match_key, compute_matches, lambda d: _load_matches(d / "matches.npz"))
+
+        def compute_tri(d: Path):
+            kps = {n: f.keypoints for n, f in feats.items()}
+            result = triangulate_labels(frames, kps, matches, tri_cfg, d / "colmap")
+            tri_labels = result[0] if isinstance(result, tuple) else result
+            arrays = {}
+            for name, (pts, valid) in tri_labels.items():
+                arrays[f"{name}::points3D"] = pts
+                arrays[f"{name}::valid"] = valid
+            np.savez(d / "labels.npz", **arrays)
+            return tri_labels
+
+        tri_labels = runner.run("triangulation", fingerprint(match_key, tri_cfg), compute_tri, _load_label_arrays)
+        labels = dict(tri_labels)
+    if need_depth:
+        def compute_depth(d: Path):
+            out_labels = {f.name: depth_labels(f, feats[f.name].keypoints) for f in frames}
+            arrays = {}
+            for name, (pts, valid) in out_labels.items():
+                arrays[f"{name}::points3D"] = pts
+                arrays[f"{name}::valid"] = valid
+            np.savez(d / "labels.npz", **arrays)
+            return out_labels
+
+        dlabels = runner.run("depth_labels", fingerprint(feat_key, "depth"), compute_depth, _load_label_arrays)
+        labels = {n: merge_labels(labels[n], dlabels[n]) for n in dlabels} if labels else dict(dlabels)
+
+    real = labelled_from_labels(frames, feats, labels)
+    n_labelled = int(sum(im.n_valid for im in real))
+    log(f"labelled keypoints: {n_labelled} of {sum(len(im.valid) for im in real)} in {len(real)} frames")
+    if n_labelled == 0:
+        raise ValueError("no keypoint got a 3D label: the mapping frames do not overlap enough (try more frames)")
+    label_key = fingerprint(feat_key, config.labels, config.matcher, pairs_cfg, tri_cfg)
+
+    # Augmentation bank -----------------------------------------------------------
+    aug_cfg = AugmentConfig(n_per_image=config.augment_per_image, seed=config.seed)
+    augmented: list[LabelledImage] = []
+    if config.augment_per_image > 0:
+        def compute_aug(d: Path):
+            ims = augment_images([(f, im) for f, im in zip(frames, real)], extractor, aug_cfg)
+            save_labelled(d / "augmented.npz", ims)
+            return ims
+
+        augmented = runner.run("augmentation", fingerprint(label_key, aug_cfg), compute_aug,
+                               lambda d: load_labelled(d / "augmented.npz"))
+
+    # Synthesis -------------------------------------------------------------------
+    synthetic: list[LabelledImage] = []
+    synthesis_stats: dict[str, Any] = {"enabled": bool(config.synthesis)}
+    if config.synthesis:
+        synthetic, synthesis_stats = _run_synthesis_stage(runner, frames, real, extractor, config, label_key, log)
+
+    # Training --------------------------------------------------------------------
+    model_cfg = D2SConfig(descriptor_dim=extractor.descriptor_dim)
+    train_cfg = D2STrainConfig(
+        iterations=config.train_iterations, images_per_batch=config.train_images_per_batch,
+        max_keypoints_per_image=config.train_keypoints_per_image,
+        synthetic_ratio=config.synthetic_ratio if synthetic else 0.0,
+        seed=config.seed, device=str(device))
+    train_key = fingerprint(label_key, aug_cfg, synthesis_stats.get("key"), model_cfg, train_cfg)
+    train_dir = work_dir / f"train-{train_key}"
+    t0 = time.perf_counter()
+    result = train_d2s(real + augmented, train_cfg, model_cfg, train_dir, synthetic=synthetic or None, progress=progress)
+    runner.timings_s["training"] = time.perf_counter() - t0
+    history = result.history
+    final_loss = float(history[-1]["loss"]) if history else None
+    write_json_atomic(work_dir / "training_history.json", history)
+
+    # Bundle ----------------------------------------------------------------------
+    from safetensors.numpy import save as safetensors_bytes
+
+    training_info = {"config": to_jsonable(train_cfg), "final_loss": final_loss,
+                     "n_real_images": len(real), "n_augmented_images": len(augmented),
+                     "n_synthetic_images": len(synthetic), "n_labelled_keypoints": n_labelled,
+                     "build": to_jsonable(config)}
+    bundle = MapBundle.create(
+        model=result.model, extractor=extractor.config(), camera=frames[0].camera,
+        frames=[{"name": f.name, "T_world_cam": f.T_world_cam.tolist()} for f in frames],
+        training=training_info, synthesis=synthesis_stats,
+        metrics={"timings_s": dict(runner.timings_s)})
+    bundle.add_file("map_points.safetensors", safetensors_bytes(_map_points_arrays(real)))
+    bundle.save(out)
+    # The report reads the saved bundle (it may localise the query frames with it), then
+    # joins the bundle with its checksum in a second atomic save.
+    from offline.report import write_report
+
+    report = write_report(out, work_dir / "report.html", frames, real, history, synthesis_stats,
+                          query_frames=query_frames)
+    bundle.add_file("report.html", report)
+    bundle.save(out)
+    return BuildSummary(out, work_dir, len(frames), n_labelled, len(augmented), len(synthetic), final_loss,
+                        dict(runner.timings_s), dict(runner.cached))
+
+
+def _load_label_arrays(d: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out: dict[str, list] = {}
+    with np.load(d / "labels.npz", allow_pickle=False) as z:
+        for key in z.files:
+            name, kind = key.rsplit("::", 1)
+            out.setdefault(name, [None, None])[0 if kind == "points3D" else 1] = z[key]
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _map_points_arrays(real: list[LabelledImage]) -> dict[str, np.ndarray]:
+    """Labelled mapping keypoints stored in the bundle: the structure-based baseline and
+    the report read them; the onboard localizer does not need them."""
+    arrays = {}
+    for i, im in enumerate(real):
+        arrays[f"{i}.keypoints"] = im.keypoints.astype(np.float32)
+        arrays[f"{i}.descriptors"] = im.descriptors.astype(np.float16)
+        arrays[f"{i}.points3D"] = im.points3D.astype(np.float32)
+        arrays[f"{i}.valid"] = im.valid.astype(np.uint8)
+    return arrays
+
+
+def _run_synthesis_stage(runner: StageRunner, frames, real, extractor, config: BuildConfig, label_key: str, log):
+    from offline.synthesis.stage import SynthesisConfig, run_synthesis, synthesis_config_for_profile
+    from offline.matching import make_matcher
+
+    syn_cfg = synthesis_config_for_profile(config.profile, labels=config.synthetic_labels,
+                                           nerf_iterations=config.nerf_iterations, seed=config.seed,
+                                           device=config.device, max_keypoints=config.extractor.max_keypoints)
+    key = fingerprint(label_key, syn_cfg)
+    matcher = make_matcher(config.matcher, config.extractor.name, device=config.device)
+    real_by_name = {im.name: im for im in real}
+
+    def compute(d: Path):
+        res = run_synthesis(frames, real_by_name, extractor, matcher, None, syn_cfg, d)
+        save_labelled(d / "synthetic.npz", res.images)
+        write_json_atomic(d / "synthesis_stats.json", res.stats)
+        return res.images, res.stats
+
+    def load(d: Path):
+        return load_labelled(d / "synthetic.npz"), json.loads((d / "synthesis_stats.json").read_text())
+
+    images, stats = runner.run("synthesis", key, compute, load)
+    stats = dict(stats)
+    stats.update({"enabled": True, "key": key, "n_synthetic_images": len(images), "labels": config.synthetic_labels})
+    return images, stats

@@ -1,0 +1,242 @@
+"""``d2s-nerf``: the offline tools (build, evaluate, replay, demo).
+
+Examples::
+
+    d2s-nerf build ../shared/data/7scenes_redkitchen --out maps/redkitchen --fraction 0.04 --no-synthesis
+    d2s-nerf evaluate maps/redkitchen ../shared/data/7scenes_redkitchen --out runs/eval --every 10
+    d2s-nerf replay ../shared/data/7scenes_redkitchen --rate 2 --out runs/replay --every 20
+    d2s-nerf demo --work runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _parse_floats(text: str, n: int, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+    if len(values) != n or not all(np.isfinite(values)):
+        raise argparse.ArgumentTypeError(f"{what} must be {n} finite comma-separated numbers, got {text!r}")
+    return values
+
+
+def _intrinsics(text: str) -> list[float]:
+    return _parse_floats(text, 4, "--intrinsics (fx,fy,cx,cy)")
+
+
+def _pose_to_camera(text: str) -> np.ndarray:
+    """x,y,z,qx,qy,qz,qw (ROS order) of the camera optical frame in the pose's frame."""
+    from d2s_nerf_ros.geometry import make_pose, matrix_from_quat_wxyz
+
+    v = _parse_floats(text, 7, "--pose-to-camera (x,y,z,qx,qy,qz,qw)")
+    return make_pose(matrix_from_quat_wxyz([v[6], v[3], v[4], v[5]]), v[:3])
+
+
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("bag sources")
+    g.add_argument("--image-topic", help="image topic (sensor_msgs/Image or CompressedImage)")
+    g.add_argument("--camera-info-topic", help="sensor_msgs/CameraInfo topic")
+    g.add_argument("--pose-source", choices=["tf", "topic", "sfm"], default="tf")
+    g.add_argument("--map-frame", default="map", help="TF frame the map is expressed in (pose source tf)")
+    g.add_argument("--camera-frame", help="camera optical frame (default: the images' frame_id)")
+    g.add_argument("--pose-topic", help="PoseStamped / PoseWithCovarianceStamped / Odometry / TransformStamped topic")
+    g.add_argument("--pose-to-camera", type=_pose_to_camera,
+                   help="fixed extrinsic x,y,z,qx,qy,qz,qw of the camera optical frame in the pose's frame")
+    g.add_argument("--intrinsics", type=_intrinsics, help="fx,fy,cx,cy when the source has no camera info")
+    g.add_argument("--min-motion", type=float, help="keep a bag frame only after this many metres of motion")
+
+
+def open_frames(args, source: Path, out_dir: Path):
+    from offline.sources import BagSourceOptions, SourceOptions, open_source
+
+    bag = BagSourceOptions(
+        image_topic=getattr(args, "image_topic", None), camera_info_topic=getattr(args, "camera_info_topic", None),
+        pose_source=getattr(args, "pose_source", None) or "tf", map_frame=getattr(args, "map_frame", None) or "map",
+        camera_frame=getattr(args, "camera_frame", None), pose_topic=getattr(args, "pose_topic", None),
+        pose_to_camera=getattr(args, "pose_to_camera", None), min_motion_m=getattr(args, "min_motion", None))
+    intrinsics = getattr(args, "intrinsics", None)
+    return open_source(Path(source), Path(out_dir), SourceOptions(bag=bag, intrinsics=tuple(intrinsics) if intrinsics else None))
+
+
+# --------------------------------------------------------------------------- commands
+
+def cmd_build(args) -> int:
+    from offline.build import ExtractorSettings, build_map, profile_config
+
+    config = profile_config(args.profile)
+    if args.extractor:
+        config.extractor = ExtractorSettings(name=args.extractor, max_keypoints=args.max_keypoints or config.extractor.max_keypoints,
+                                             resize_max=config.extractor.resize_max)
+    elif args.max_keypoints:
+        config.extractor.max_keypoints = args.max_keypoints
+    config.fraction, config.every = args.fraction, args.every
+    config.synthesis = not args.no_synthesis
+    for name in ("labels", "synthetic_labels", "device", "seed", "matcher"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    if args.train_iterations:
+        config.train_iterations = args.train_iterations
+    if args.nerf_iterations:
+        config.nerf_iterations = args.nerf_iterations
+    config.validate()
+    out = Path(args.out)
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
+    frameset = open_frames(args, Path(args.source), work / "source")
+    queries = None
+    if args.queries:
+        queries = _query_frames(args, Path(args.queries), None, args.query_every or 10, work / "queries")
+    summary = build_map(frameset, out, config, work_dir=work, progress=not args.quiet, query_frames=queries)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _query_frames(args, source: Path, map_frame_names: set[str] | None, every: int, work: Path):
+    frameset = open_frames(args, source, work)
+    frames = [f for f in frameset.frames if not map_frame_names or f.name not in map_frame_names]
+    if every < 1:
+        raise ValueError("--every must be >= 1")
+    frames = frames[::every]
+    if not frames:
+        raise ValueError(f"no query frames left in {source} after removing the map's frames")
+    return frames
+
+
+def cmd_evaluate(args) -> int:
+    from d2s_nerf_ros.localizer import Localizer, LocalizerConfig
+    from d2s_nerf_ros.map_bundle import MapBundle
+    from offline.evaluate import evaluate_localizer, plot_error_cdf, write_results
+
+    bundle = MapBundle.load(Path(args.map), device="cpu")
+    map_names = {f["name"] for f in bundle.manifest.get("frames", [])}
+    out = Path(args.out)
+    queries = _query_frames(args, Path(args.query_source), map_names, args.every, out / "source")
+    if args.method == "d2s":
+        cfg = LocalizerConfig(device=args.device)
+        if args.reliability_threshold is not None:
+            cfg.reliability_threshold = args.reliability_threshold
+        method = Localizer.from_path(Path(args.map), cfg)
+        method.warmup()
+    else:
+        from offline.baseline import MatchingBaseline, MatchingBaselineConfig
+
+        method = MatchingBaseline(Path(args.map), MatchingBaselineConfig(device=args.device))
+    summary, rows = evaluate_localizer(method.localize, queries, progress=not args.quiet)
+    summary["method"] = args.method
+    summary["map"] = str(args.map)
+    write_results(out, summary, rows)
+    errors_t = [r["translation_error_m"] for r in rows]
+    errors_r = [r["rotation_error_deg"] for r in rows]
+    plot_error_cdf(out, [errors_t], [errors_r], [args.method])
+    print(json.dumps({k: summary[k] for k in (
+        "n_queries", "n_failed", "median_translation_m", "median_rotation_deg",
+        "recall_5cm_5deg", "recall_10cm_10deg") if k in summary}, indent=1))
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from offline.replay import replay
+
+    out = Path(args.out)
+    frames = _query_frames(args, Path(args.query_source), None, args.every, out / "source")
+    result = replay(frames, out, rate_hz=args.rate, image_topic=args.image_topic_out,
+                    camera_info_topic=args.camera_info_topic_out, compressed=args.compressed,
+                    timeout_s=args.timeout)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from offline.demo import run_demo
+
+    return run_demo(Path(args.work), quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2s-nerf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build a map bundle from a bag or a dataset folder")
+    b.add_argument("source", help="7-Scenes scene/sequence folder, ROS 1 .bag, ROS 2 bag folder or .mcap, "
+                                  "nerfstudio transforms.json folder, or COLMAP model folder")
+    b.add_argument("--out", required=True, help="map bundle directory to write")
+    sel = b.add_mutually_exclusive_group()
+    sel.add_argument("--fraction", type=float, help="use this fraction of the frames, evenly sampled (e.g. 0.04)")
+    sel.add_argument("--every", type=int, help="use every N-th frame")
+    b.add_argument("--extractor", choices=["aliked", "superpoint", "sift"])
+    b.add_argument("--max-keypoints", type=int)
+    b.add_argument("--profile", choices=["fast", "paper"], default="fast")
+    b.add_argument("--no-synthesis", action="store_true", help="train D2S on the real frames only")
+    b.add_argument("--labels", choices=["triangulation", "depth", "both"], help="3D labels of the mapping keypoints")
+    b.add_argument("--synthetic-labels", choices=["matches", "depth", "both"])
+    b.add_argument("--matcher", choices=["lightglue", "mnn"])
+    b.add_argument("--train-iterations", type=int)
+    b.add_argument("--nerf-iterations", type=int)
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--seed", type=int)
+    b.add_argument("--work-dir", help="stage cache (default: OUT.work); rerun to resume")
+    b.add_argument("--queries", help="query source with ground truth, for the report's error CDF")
+    b.add_argument("--query-every", type=int)
+    b.add_argument("--quiet", action="store_true")
+    add_source_arguments(b)
+    b.set_defaults(func=cmd_build)
+
+    e = sub.add_parser("evaluate", help="localise query frames with ground truth and report errors")
+    e.add_argument("map")
+    e.add_argument("query_source")
+    e.add_argument("--out", required=True)
+    e.add_argument("--every", type=int, default=1, help="use every N-th query frame")
+    e.add_argument("--method", choices=["d2s", "match"], default="d2s")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--reliability-threshold", type=float)
+    e.add_argument("--quiet", action="store_true")
+    add_source_arguments(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("replay", help="publish frames over DDS to a running localizer node and score its poses")
+    r.add_argument("query_source")
+    r.add_argument("--rate", type=float, default=2.0, help="frames per second")
+    r.add_argument("--out", required=True)
+    r.add_argument("--every", type=int, default=1)
+    r.add_argument("--compressed", action="store_true", help="publish sensor_msgs/CompressedImage")
+    r.add_argument("--image-topic", dest="image_topic_out", default="/camera/image_raw")
+    r.add_argument("--camera-info-topic", dest="camera_info_topic_out", default="/camera/camera_info")
+    r.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the last pose")
+    r.set_defaults(func=cmd_replay)
+
+    d = sub.add_parser("demo", help="the whole job on a generated sample: bag -> map -> node -> replay")
+    d.add_argument("--work", default="runs/demo")
+    d.add_argument("--quick", action="store_true", help="a smaller run for CI")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the cached stages", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as exc:
+        print(f"d2s-nerf {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # map bundle errors and the like
+        from d2s_nerf_ros.map_bundle import MapBundleError
+
+        if isinstance(exc, MapBundleError):
+            print(f"d2s-nerf {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The descriptor-synthesis stage: NeRF -> novel poses -> renders -> filter -> labels.
+
+Work directory layout (everything resumable; a rerun with the same inputs reuses it):
+```
+WORK/
+  nerf/                      nerfacto checkpoint + state (when no renderers are given)
+  renders/index.json         the novel poses, their pair and s, the renderer used
+  renders/00000.png          render RGB
+  renders/00000.depth.npy    z-depth (map units), float32
+  renders/00000.acc.npy      accumulation, float32
+  synthetic.npz              the kept, labelled renders (offline.labelled.save_labelled)
+  synthesis_stats.json       counts, match histogram, time per step
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from offline.labelled import LabelledImage, load_labelled, save_labelled
+from offline.nerf.nerfacto import NerfactoConfig
+from offline.nerf.renderer import RenderResult, Renderer, choose_renderer
+from offline.sources.frames import Frame, even_indices
+from offline.synthesis.filtering import FilterConfig, features_of_labelled, match_count_histogram
+from offline.synthesis.labels import SyntheticLabelConfig, synthetic_labels
+from offline.synthesis.novel_poses import NovelPose, NovelPoseConfig, novel_poses
+
+STATS_FILE = "synthesis_stats.json"
+SYNTHETIC_FILE = "synthetic.npz"
+
+
+@dataclass
+class SynthesisConfig:
+    nerf: NerfactoConfig = field(default_factory=NerfactoConfig)
+    poses: NovelPoseConfig = field(default_factory=NovelPoseConfig)
+    render_fraction: float = 0.25          # of the reference camera's resolution
+    # Extract features on the render resized back to the mapping camera's resolution, so the
+    # synthetic descriptors see the same scale as the real ones D2S is queried with.
+    extract_at_camera_resolution: bool = True
+    max_poses: int | None = None           # an even subsample of the novel poses, for a time budget
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    labels: SyntheticLabelConfig = field(default_factory=SyntheticLabelConfig)
+    render_device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.render_fraction <= 1.0:
+            raise ValueError(f"render_fraction must be in (0, 1], got {self.render_fraction}")
+        if self.max_poses is not None and self.max_poses < 1:
+            raise ValueError(f"max_poses must be >= 1, got {self.max_poses}")
+
+
+def synthesis_config_for_profile(profile: str, labels: str = "matches", nerf_iterations: int | None = None,
+                                 seed: int = 0, device: str = "auto", max_keypoints: int | None = None,
+                                 ) -> SynthesisConfig:
+    """``fast``: reduced nerfacto, renders at 1/4 resolution; ``paper``: nerfacto defaults, full resolution.
+
+    The filter threshold is a fraction of the extractor's keypoint budget, read from the extractor
+    at run time; ``max_keypoints`` is accepted for the callers' fingerprints and checked there.
+    """
+    if profile not in ("fast", "paper"):
+        raise ValueError(f"unknown profile {profile!r}; known: fast, paper")
+    nerf = NerfactoConfig(profile=profile, iterations=nerf_iterations, seed=seed, device=device)
+    return SynthesisConfig(
+        nerf=nerf,
+        poses=NovelPoseConfig(k_neighbours=2, samples_per_pair=10),
+        render_fraction=0.25 if profile == "fast" else 1.0,
+        filter=FilterConfig(keep_fraction=0.12),
+        labels=SyntheticLabelConfig(mode=labels),
+        render_device=device,
+    )
+
+
+@dataclass
+class SynthesisResult:
+    images: list[LabelledImage]
+    stats: dict[str, Any]
+
+
+def _config_key(frames: Sequence[Frame], config: SynthesisConfig, renderer_names: Sequence[str]) -> str:
+    cfg = dataclasses.asdict(config)
+    cfg.pop("render_device")
+    cfg["nerf"].pop("device")
+    doc = {"config": cfg, "renderers": list(renderer_names),
+           "frames": [[f.name, np.round(np.asarray(f.T_world_cam, dtype=np.float64), 9).tolist()] for f in frames]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _save_render(stem: Path, result: RenderResult) -> None:
+    import cv2
+
+    # Depth and accumulation first, RGB last: the PNG's presence marks a complete render.
+    for suffix, array in ((".depth.npy", result.depth_m), (".acc.npy", result.accumulation)):
+        tmp = stem.with_name(stem.name + suffix + ".tmp.npy")
+        np.save(tmp, np.asarray(array, dtype=np.float32))
+        os.replace(tmp, stem.with_name(stem.name + suffix))
+    tmp = stem.with_name(stem.name + ".tmp.png")
+    if not cv2.imwrite(str(tmp), cv2.cvtColor(result.rgb, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"cannot write {tmp}")
+    os.replace(tmp, stem.with_suffix(".png"))
+
+
+def _load_render(stem: Path) -> RenderResult | None:
+    import cv2
+
+    png = stem.with_suffix(".png")
+    depth, acc = stem.with_name(stem.name + ".depth.npy"), stem.with_name(stem.name + ".acc.npy")
+    if not (png.exists() and depth.exists() and acc.exists()):
+        return None
+    bgr = cv2.imread(str(png), cv2.IMREAD_COLOR)
+    if bgr is None:
+        return None
+    return RenderResult(rgb=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
+                        depth_m=np.load(depth, allow_pickle=False), accumulation=np.load(acc, allow_pickle=False))
+
+
+def run_synthesis(
+    mapping_frames: Sequence[Frame],
+    real_labelled: dict[str, LabelledImage],
+    extractor,
+    matcher,
+    renderers: Sequence[Renderer] | None,
+    config: SynthesisConfig,
+    work_dir: Path,
+    log: Callable[[str], None] = print,
+) -> SynthesisResult:
+    """Synthetic labelled images from novel views between the mapping frames.
+
+    ``renderers`` None: one nerfacto is trained on all mapping frames (in ``work_dir/nerf``).
+    ``real_labelled`` holds the mapping frames' labelled keypoints (the references).
+    """
+    import cv2
+
+    frames = list(mapping_frames)
+    by_name = {f.name: f for f in frames}
+    missing = [f.name for f in frames if f.name not in real_labelled]
+    if missing:
+        raise ValueError(f"no labelled keypoints for mapping frames: {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    stats: dict[str, Any] = {}
+
+    t0 = time.perf_counter()
+    if renderers is None:
+        from offline.nerf.nerfacto import train_nerfacto
+        from offline.nerf.renderer import NerfactoRenderer
+
+        handle = train_nerfacto(frames, config.nerf, work_dir / "nerf", log=log)
+        stats["nerf"] = handle.stats()
+        renderers = [NerfactoRenderer(handle, device=config.render_device, name="nerfacto")]
+    renderers = list(renderers)
+    if not renderers:
+        raise ValueError("synthesis needs at least one renderer")
+    timings["nerf_s"] = time.perf_counter() - t0
+
+    key = _config_key(frames, config, [r.name for r in renderers])
+    stats_path, synthetic_path = work_dir / STATS_FILE, work_dir / SYNTHETIC_FILE
+    if stats_path.exists() and synthetic_path.exists():
+        try:
+            done = json.loads(stats_path.read_text())
+        except json.JSONDecodeError:
+            done = {}
+        if done.get("key") == key:
+            log(f"[synthesis] cached in {work_dir}")
+            return SynthesisResult(load_labelled(synthetic_path), done)
+
+    # Novel poses.
+    t0 = time.perf_counter()
+    poses = novel_poses(frames, config.poses)
+    n_all = len(poses)
+    if config.max_poses is not None and len(poses) > config.max_poses:
+        poses = [poses[i] for i in even_indices(len(poses), fraction=config.max_poses / len(poses))]
+    timings["poses_s"] = time.perf_counter() - t0
+    log(f"[synthesis] {n_all} novel poses ({len(poses)} used) from {len(frames)} mapping frames")
+
+    # Renders (cached one by one, so an interrupted stage resumes where it stopped).
+    render_dir = work_dir / "renders"
+    render_dir.mkdir(exist_ok=True)
+    index_path = render_dir / "index.json"
+    if index_path.exists():
+        try:
+            old_key = json.loads(index_path.read_text()).get("key")
+        except json.JSONDecodeError:
+            old_key = None
+        if old_key != key:
+            for p in render_dir.iterdir():
+                p.unlink()
+    entries = []
+    for i, pose in enumerate(poses):
+        ref = by_name[pose.reference_frame]
+        which = choose_renderer(renderers, pose.T_world_cam, (pose.frame_a, pose.frame_b))
+        entries.append({"file": f"{i:05d}", "name": pose.name, "frame_a": pose.frame_a, "frame_b": pose.frame_b,
+                        "s": pose.s, "reference": ref.name, "renderer": renderers[which].name,
+                        "T_world_cam": pose.T_world_cam.tolist()})
+    _write_json(index_path, {"key": key, "poses": entries})
+
+    t0 = time.perf_counter()
+    renders: list[RenderResult] = []
+    render_cameras = []
+    n_new, render_seconds = 0, []
+    for i, (pose, entry) in enumerate(zip(poses, entries)):
+        ref_cam = by_name[entry["reference"]].camera
+        cam = ref_cam.scaled_to(max(8, round(ref_cam.width * config.render_fraction)),
+                                max(8, round(ref_cam.height * config.render_fraction)))
+        render_cameras.append(cam)
+        stem = render_dir / entry["file"]
+        result = _load_render(stem)
+        if result is None or result.rgb.shape[:2] != (cam.height, cam.width):
+            renderer = next(r for r in renderers if r.name == entry["renderer"])
+            result = renderer.render(pose.T_world_cam, cam)
+            _save_render(stem, result)
+            n_new += 1
+            render_seconds.append(result.seconds)
+            if n_new % 10 == 0 or i == len(poses) - 1:
+                log(f"[synthesis] rendered {i + 1}/{len(poses)} ({np.mean(render_seconds):.2f} s each)")
+        renders.append(result)
+    timings["render_s"] = time.perf_counter() - t0
+
+    # Filter: the map's extractor on each render, matched to its reference frame.
+    t0 = time.perf_counter()
+    threshold = config.filter.threshold(extractor.max_keypoints)
+    ref_features = {name: features_of_labelled(im) for name, im in real_labelled.items()}
+    decisions, kept = [], []
+    for i, (pose, entry, result) in enumerate(zip(poses, entries, renders)):
+        ref_cam = by_name[entry["reference"]].camera
+        image, feat_cam = result.rgb, render_cameras[i]
+        if config.extract_at_camera_resolution and (feat_cam.width, feat_cam.height) != (ref_cam.width, ref_cam.height):
+            image = cv2.resize(image, (ref_cam.width, ref_cam.height), interpolation=cv2.INTER_CUBIC)
+            feat_cam = ref_cam
+        feats = extractor.extract(image)
+        ref = ref_features[entry["reference"]]
+        if len(feats) and len(ref):
+            matches = matcher.match(feats, ref).indices
+        else:
+            matches = np.zeros((0, 2), np.int64)
+        is_kept = len(matches) >= threshold
+        decisions.append({"name": pose.name, "reference": entry["reference"], "n_matches": int(len(matches)),
+                          "kept": bool(is_kept)})
+        if is_kept:
+            kept.append((i, feats, feat_cam, matches))
+    timings["filter_s"] = time.perf_counter() - t0
+    counts = [d["n_matches"] for d in decisions]
+    log(f"[synthesis] kept {len(kept)}/{len(poses)} renders (>= {threshold} matches; median "
+        f"{np.median(counts) if counts else 0:.0f})")
+
+    # Labels.
+    t0 = time.perf_counter()
+    images: list[LabelledImage] = []
+    label_totals: dict[str, int] = {}
+    for i, feats, feat_cam, matches in kept:
+        pose, entry, result = poses[i], entries[i], renders[i]
+        map_points = None
+        if config.labels.mode in ("depth", "both"):
+            # The endpoints' triangulated points are the map evidence for this view.
+            pts = [real_labelled[n].points3D[real_labelled[n].valid] for n in (pose.frame_a, pose.frame_b)]
+            map_points = np.concatenate(pts) if pts else np.zeros((0, 3))
+        image, label_stats = synthetic_labels(
+            pose.name, feats.keypoints, feats.descriptors, feat_cam, pose.T_world_cam,
+            real_labelled[entry["reference"]], matches, config.labels,
+            depth_m=result.depth_m, accumulation=result.accumulation, map_points=map_points)
+        images.append(image)
+        for k, v in label_stats.items():
+            label_totals[k] = label_totals.get(k, 0) + int(v)
+    timings["labels_s"] = time.perf_counter() - t0
+
+    stats.update({
+        "key": key,
+        "n_poses": len(poses),
+        "n_poses_before_cap": n_all,
+        "n_rendered": len(renders),
+        "n_rendered_now": n_new,
+        "n_kept": len(images),
+        "keep_threshold": threshold,
+        "match_count_histogram": match_count_histogram(counts, extractor.max_keypoints, config.filter.histogram_bins),
+        "match_count_median": float(np.median(counts)) if counts else 0.0,
+        "render_seconds_mean": float(np.mean(render_seconds)) if render_seconds else None,
+        "render_size": [render_cameras[0].width, render_cameras[0].height] if render_cameras else None,
+        "label_mode": config.labels.mode,
+        "labels": label_totals,
+        "n_valid_keypoints": int(sum(im.n_valid for im in images)),
+        "renderers": {r.name: sum(e["renderer"] == r.name for e in entries) for r in renderers},
+        "decisions": decisions,
+        "timings_s": timings,
+    })
+    save_labelled(synthetic_path, images)
+    _write_json(stats_path, stats)
+    log(f"[synthesis] {len(images)} synthetic images, {stats['n_valid_keypoints']} labelled keypoints")
+    return SynthesisResult(images, stats)

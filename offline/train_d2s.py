@@ -1,0 +1,446 @@
+"""Training D2S on labelled images (real, augmented and synthetic).
+
+Loss per batch (several images padded to one tensor, with masks):
+  xyz_loss    mean over valid-labelled keypoints of ||xyz_hat - xyz||_2 (metres)
+  rel_loss    per image sqrt(mean over its keypoints of (valid - r)^2), i.e. ||valid - r||_2
+              normalised by sqrt(#keypoints), averaged over the images; r = reliability(u)
+  reproj_loss (last ``reprojection_fraction`` of training) ACE-style robust reprojection
+              error of the valid-labelled keypoints, tau * tanh(e / tau) with a threshold
+              tau that shrinks from ``reprojection_tau_max_px`` to ``reprojection_tau_min_px``
+              over that phase; pixels are divided by the focal length and multiplied by
+              the median label depth, so the term is in metres like xyz_loss.
+
+Learning rate: Adam at ``lr``, linear warm-up over the first ``warmup_fraction`` of the
+iterations (from lr/10), then halved at each of ``lr_halving_fractions`` of the total
+iterations (default 25 %, 50 %, 75 %: lr, lr/2, lr/4, lr/8).
+
+Resumable: ``work_dir`` holds the last checkpoint (safetensors for model and optimizer
+tensors, JSON for the iteration, history, RNG state). Calling ``train_d2s`` again with the
+same work_dir continues from it; when it has already reached ``iterations`` it returns at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from d2s_nerf_ros.device import resolve_device
+from d2s_nerf_ros.models.d2s import D2SConfig, D2SNet, reliability
+from offline.labelled import LabelledImage
+
+CHECKPOINT_POINTER = "latest.json"
+MIN_DEPTH_M = 0.1  # predictions closer than this (or behind the camera) get no reprojection loss
+
+
+@dataclass
+class D2STrainConfig:
+    iterations: int = 20000
+    images_per_batch: int = 4
+    max_keypoints_per_image: int = 1024
+    lr: float = 5e-4
+    warmup_fraction: float = 0.02
+    lr_halving_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    reprojection_fraction: float = 0.2
+    reprojection_weight: float = 1.0
+    reprojection_tau_max_px: float = 50.0
+    reprojection_tau_min_px: float = 1.0
+    synthetic_ratio: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bfloat16 autocast, CUDA only
+    checkpoint_every: int = 1000
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        self.lr_halving_fractions = tuple(float(f) for f in self.lr_halving_fractions)
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if self.images_per_batch < 1 or self.max_keypoints_per_image < 1:
+            raise ValueError("images_per_batch and max_keypoints_per_image must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("warmup_fraction", "reprojection_fraction", "synthetic_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 < self.reprojection_tau_min_px <= self.reprojection_tau_max_px:
+            raise ValueError("need 0 < reprojection_tau_min_px <= reprojection_tau_max_px")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every and log_every must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lr_halving_fractions"] = list(self.lr_halving_fractions)
+        return d
+
+
+@dataclass
+class TrainResult:
+    model: D2SNet                 # eval mode, on the training device
+    history: list[dict[str, float]] = field(default_factory=list)
+    iteration: int = 0            # iterations done (may exceed the config's when resumed from a longer run)
+
+
+def learning_rate(config: D2STrainConfig, iteration: int) -> float:
+    """The learning rate used for step ``iteration`` (0-based); a pure function, so resuming is exact."""
+    lr = config.lr
+    warmup = int(round(config.warmup_fraction * config.iterations))
+    if iteration < warmup:
+        return lr * (0.1 + 0.9 * iteration / warmup)
+    for fraction in config.lr_halving_fractions:
+        if iteration >= fraction * config.iterations:
+            lr *= 0.5
+    return lr
+
+
+def reprojection_threshold_px(config: D2STrainConfig, iteration: int) -> float | None:
+    """tau for step ``iteration``, or None outside the reprojection phase."""
+    start = config.iterations * (1.0 - config.reprojection_fraction)
+    if config.reprojection_fraction <= 0 or iteration < start:
+        return None
+    progress = min(1.0, (iteration - start) / max(1.0, config.iterations - start))
+    lo, hi = config.reprojection_tau_min_px, config.reprojection_tau_max_px
+    return lo + (hi - lo) * math.sqrt(1.0 - progress)
+
+
+# ------------------------------------------------------------------------------ packing
+@dataclass
+class PackedImages:
+    """All training keypoints in flat tensors, plus a padded per-image index for sampling."""
+    descriptors: torch.Tensor   # (M, D) float32, device
+    points3D: torch.Tensor      # (M, 3) float32, device (zeros where invalid)
+    valid: torch.Tensor         # (M,) bool, device
+    pixels: torch.Tensor        # (M, 2) float32, device, undistorted keypoints
+    index: torch.Tensor         # (I, max_n) int64, CPU, -1 = padding
+    counts: torch.Tensor        # (I,) int64, CPU
+    is_synthetic: torch.Tensor  # (I,) bool, CPU
+    intrinsics: torch.Tensor    # (I, 4) fx fy cx cy, device
+    T_cam_world: torch.Tensor   # (I, 3, 4) float32, device
+    median_depth: float
+    fingerprint: str
+
+
+def pack_images(images: list[LabelledImage], descriptor_dim: int, device: torch.device,
+                synthetic_flags: list[bool]) -> PackedImages:
+    keep = [i for i, im in enumerate(images) if len(im.keypoints) > 0]
+    if not keep:
+        raise ValueError("no training image has any keypoint")
+    images = [images[i] for i in keep]
+    synthetic_flags = [synthetic_flags[i] for i in keep]
+    for im in images:
+        if im.descriptors.ndim != 2 or im.descriptors.shape[1] != descriptor_dim:
+            raise ValueError(
+                f"{im.name}: descriptors have shape {im.descriptors.shape}, the model expects dimension {descriptor_dim}")
+        if not np.all(np.isfinite(im.descriptors)):
+            raise ValueError(f"{im.name}: descriptors contain NaN or inf")
+        if not np.all(np.isfinite(im.points3D[im.valid])):
+            raise ValueError(f"{im.name}: a valid 3D label is NaN or inf")
+    counts = np.array([len(im.keypoints) for im in images], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    max_n = int(counts.max())
+    index = np.full((len(images), max_n), -1, dtype=np.int64)
+    for i, (o, c) in enumerate(zip(offsets, counts)):
+        index[i, :c] = np.arange(o, o + c)
+
+    valid = np.concatenate([im.valid.astype(bool) for im in images])
+    if not valid.any():
+        raise ValueError("no training keypoint has a valid 3D label")
+    points = np.concatenate([np.where(im.valid[:, None], im.points3D, 0.0) for im in images]).astype(np.float32)
+    pixels = np.concatenate([im.camera.undistort_points(im.keypoints) for im in images]).astype(np.float32)
+    T_cam_world = np.stack([np.linalg.inv(np.asarray(im.T_world_cam, dtype=np.float64))[:3] for im in images])
+    intrinsics = np.array([[im.camera.fx, im.camera.fy, im.camera.cx, im.camera.cy] for im in images])
+
+    # Median depth of the valid labels in their own cameras: the scale that turns angular
+    # reprojection errors into metres.
+    image_of = np.repeat(np.arange(len(images)), counts)
+    R, t = T_cam_world[image_of, :, :3], T_cam_world[image_of, :, 3]
+    depth = np.einsum("nj,nj->n", R[:, 2], points.astype(np.float64)) + t[:, 2]
+    depths = depth[valid & (depth > 0)]
+    median_depth = float(np.median(depths)) if len(depths) else 1.0
+
+    h = hashlib.sha256()
+    for im, syn in zip(images, synthetic_flags):
+        h.update(f"{im.name}|{len(im.keypoints)}|{im.n_valid}|{im.source}|{syn}\n".encode())
+    h.update(f"dim={descriptor_dim}".encode())
+
+    return PackedImages(
+        descriptors=torch.from_numpy(np.concatenate([im.descriptors for im in images]).astype(np.float32)).to(device),
+        points3D=torch.from_numpy(points).to(device),
+        valid=torch.from_numpy(valid).to(device),
+        pixels=torch.from_numpy(pixels).to(device),
+        index=torch.from_numpy(index),
+        counts=torch.from_numpy(counts),
+        is_synthetic=torch.tensor(synthetic_flags, dtype=torch.bool),
+        intrinsics=torch.from_numpy(intrinsics.astype(np.float32)).to(device),
+        T_cam_world=torch.from_numpy(T_cam_world.astype(np.float32)).to(device),
+        median_depth=median_depth,
+        fingerprint=h.hexdigest(),
+    )
+
+
+@dataclass
+class Batch:
+    descriptors: torch.Tensor  # (B, K, D)
+    mask: torch.Tensor         # (B, K) real keypoint
+    points3D: torch.Tensor     # (B, K, 3)
+    valid: torch.Tensor        # (B, K) real and labelled
+    pixels: torch.Tensor       # (B, K, 2)
+    intrinsics: torch.Tensor   # (B, 4)
+    T_cam_world: torch.Tensor  # (B, 3, 4)
+
+
+def sample_batch(packed: PackedImages, config: D2STrainConfig, generator: torch.Generator,
+                 device: torch.device) -> Batch:
+    real_ids = torch.nonzero(~packed.is_synthetic).flatten()
+    syn_ids = torch.nonzero(packed.is_synthetic).flatten()
+    b = config.images_per_batch
+    n_syn = 0
+    if len(syn_ids) and len(real_ids):
+        # Stochastic rounding keeps the expected synthetic share exact for any batch size.
+        n_syn = int(math.floor(b * config.synthetic_ratio + float(torch.rand((), generator=generator))))
+    elif len(syn_ids):
+        n_syn = b
+    chosen = torch.cat([
+        real_ids[torch.randint(len(real_ids), (b - n_syn,), generator=generator)] if b > n_syn else real_ids[:0],
+        syn_ids[torch.randint(len(syn_ids), (n_syn,), generator=generator)] if n_syn else syn_ids[:0],
+    ])
+    k = int(min(config.max_keypoints_per_image, int(packed.counts[chosen].max())))
+    index = packed.index[chosen, : int(packed.counts[chosen].max())]
+    # Random subset of each image's keypoints: the k smallest random keys, padding keys last.
+    keys = torch.rand(index.shape, generator=generator)
+    keys[index < 0] = 2.0
+    picked = index.gather(1, keys.topk(k, dim=1, largest=False).indices)
+    mask = picked >= 0
+    flat = picked.clamp(min=0).to(device, non_blocking=True)
+    mask = mask.to(device, non_blocking=True)
+    chosen = chosen.to(device)
+    return Batch(
+        descriptors=packed.descriptors[flat],
+        mask=mask,
+        points3D=packed.points3D[flat],
+        valid=packed.valid[flat] & mask,
+        pixels=packed.pixels[flat],
+        intrinsics=packed.intrinsics[chosen],
+        T_cam_world=packed.T_cam_world[chosen],
+    )
+
+
+def batch_losses(model: D2SNet, batch: Batch, tau_px: float | None, median_depth: float,
+                 reprojection_weight: float) -> dict[str, torch.Tensor]:
+    xyz_hat, u = model(batch.descriptors, batch.mask)
+    xyz_hat, u = xyz_hat.float(), u.float()
+    r = reliability(u)
+    valid = batch.valid.float()
+    real = batch.mask.float()
+    n_valid = valid.sum().clamp(min=1.0)
+
+    xyz_err = torch.sqrt(((xyz_hat - batch.points3D) ** 2).sum(-1) + 1e-12)
+    xyz_loss = (xyz_err * valid).sum() / n_valid
+    per_image = ((valid - r) ** 2 * real).sum(1) / real.sum(1).clamp(min=1.0)
+    rel_loss = torch.sqrt(per_image + 1e-12).mean()
+
+    reproj_loss = torch.zeros((), device=xyz_hat.device)
+    if tau_px is not None:
+        R, t = batch.T_cam_world[:, :, :3], batch.T_cam_world[:, :, 3]
+        p_cam = torch.einsum("bij,bkj->bki", R, xyz_hat) + t[:, None, :]
+        z = p_cam[..., 2]
+        in_front = z > MIN_DEPTH_M
+        f = batch.intrinsics[:, None, :2]
+        c = batch.intrinsics[:, None, 2:]
+        uv = p_cam[..., :2] / z.clamp(min=MIN_DEPTH_M)[..., None] * f + c
+        err_px = torch.sqrt(((uv - batch.pixels) ** 2).sum(-1) + 1e-12)
+        robust_px = tau_px * torch.tanh(err_px / tau_px)
+        # pixels -> radians (divide by the focal length) -> metres at the median label depth
+        robust_m = robust_px / f.mean(-1) * median_depth
+        use = valid * in_front.float()
+        reproj_loss = reprojection_weight * (robust_m * use).sum() / n_valid
+
+    loss = xyz_loss + rel_loss + reproj_loss
+    return {"loss": loss, "xyz_loss": xyz_loss, "rel_loss": rel_loss, "reproj_loss": reproj_loss}
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _save_checkpoint(work_dir: Path, model: D2SNet, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    name = f"ckpt-{state['iteration']:09d}"
+    tmp = work_dir / (name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    opt = optimizer.state_dict()
+    tensors = {f"{pid}.{key}": value.detach().cpu().contiguous()
+               for pid, entries in opt["state"].items() for key, value in entries.items()}
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    state = dict(state, param_groups=opt["param_groups"])
+    (tmp / "state.json").write_text(json.dumps(state))
+    final = work_dir / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer_tmp = work_dir / (CHECKPOINT_POINTER + ".tmp")
+    pointer_tmp.write_text(json.dumps({"checkpoint": name}))
+    os.replace(pointer_tmp, work_dir / CHECKPOINT_POINTER)
+    for old in work_dir.glob("ckpt-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(work_dir: Path, model: D2SNet, optimizer: torch.optim.Optimizer, device: torch.device,
+                     model_config: D2SConfig, data_fingerprint: str) -> dict[str, Any] | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    pointer = work_dir / CHECKPOINT_POINTER
+    if not pointer.is_file():
+        return None
+    try:
+        ckpt = work_dir / json.loads(pointer.read_text())["checkpoint"]
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the training checkpoint in {work_dir} is unreadable ({e}); delete {work_dir} to start over") from e
+    # Check what the checkpoint is before loading anything into the model.
+    if state.get("model_config") != model_config.to_dict():
+        raise ValueError(
+            f"{work_dir} holds a checkpoint of another model config ({state.get('model_config')}); "
+            f"use another work_dir or delete this one")
+    if state.get("data_fingerprint") != data_fingerprint:
+        raise ValueError(
+            f"{work_dir} holds a checkpoint trained on other data; use another work_dir or delete this one")
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"), device=str(device))
+        opt_tensors = load_file(str(ckpt / "optimizer.safetensors"), device="cpu")
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise ValueError(f"the training checkpoint {ckpt} is unreadable ({e}); delete {work_dir} to start over") from e
+    model.load_state_dict(weights)
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in opt_tensors.items():
+        pid, name = key.split(".", 1)
+        # Adam keeps 'step' on the CPU, its moments beside the parameters.
+        opt_state.setdefault(int(pid), {})[name] = value if name == "step" else value.to(device)
+    groups = state.pop("param_groups")
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    return state
+
+
+def _generator_state(gen: torch.Generator) -> str:
+    return base64.b64encode(gen.get_state().numpy().tobytes()).decode("ascii")
+
+
+def _set_generator_state(gen: torch.Generator, encoded: str) -> None:
+    gen.set_state(torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------ training
+def _coordinate_frame(points: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, float]:
+    labelled = points[valid]
+    center = labelled.median(dim=0).values
+    scale = float((labelled - center).norm(dim=1).median())
+    return center, max(scale, 1e-3)
+
+
+def train_d2s(
+    real: list[LabelledImage],
+    config: D2STrainConfig,
+    model_config: D2SConfig,
+    work_dir: Path | str,
+    synthetic: list[LabelledImage] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train D2S on ``real`` (mapping and augmented images) plus optional ``synthetic`` ones.
+
+    Each batch draws ``synthetic_ratio`` of its images from ``synthetic`` when there are any.
+    """
+    from tqdm.auto import tqdm
+
+    if not real:
+        raise ValueError("train_d2s needs at least one real labelled image")
+    synthetic = list(synthetic or [])
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    use_amp = config.amp and device.type == "cuda"
+
+    packed = pack_images(list(real) + synthetic, model_config.descriptor_dim, device,
+                         [False] * len(real) + [True] * len(synthetic))
+    if not bool((~packed.is_synthetic).any()):
+        raise ValueError("every real labelled image is empty (no keypoints)")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = D2SNet(model_config)
+    model.set_coordinate_frame(*_coordinate_frame(packed.points3D.cpu(), packed.valid.cpu()))
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    start, seconds_before, history = 0, 0.0, []
+    state = _load_checkpoint(work_dir, model, optimizer, device, model_config, packed.fingerprint)
+    if state is not None:
+        start, seconds_before, history = state["iteration"], state["seconds"], state["history"]
+        _set_generator_state(generator, state["generator"])
+
+    def checkpoint(iteration: int, seconds: float) -> None:
+        _save_checkpoint(work_dir, model, optimizer, {
+            "iteration": iteration, "seconds": seconds, "history": history,
+            "generator": _generator_state(generator), "model_config": model_config.to_dict(),
+            "data_fingerprint": packed.fingerprint, "train_config": config.to_dict(),
+        })
+
+    if start >= config.iterations:
+        return TrainResult(model=model.eval(), history=history, iteration=start)
+
+    model.train()
+    t0 = time.perf_counter()
+    window: dict[str, torch.Tensor] = {}
+    window_n = 0
+    bar = tqdm(total=config.iterations, initial=start, disable=not progress, desc="train D2S", unit="it",
+               dynamic_ncols=True)
+    completed = start
+    try:
+        for iteration in range(start, config.iterations):
+            lr = learning_rate(config, iteration)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = sample_batch(packed, config, generator, device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                losses = batch_losses(model, batch, reprojection_threshold_px(config, iteration),
+                                      packed.median_depth, config.reprojection_weight)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            completed = iteration + 1
+
+            for key, value in losses.items():
+                window[key] = window.get(key, 0.0) + value.detach()
+            window_n += 1
+            if completed % config.log_every == 0 or completed == config.iterations:
+                entry = {"iteration": completed, **{k: float(v) / window_n for k, v in window.items()},
+                         "lr": lr, "seconds": seconds_before + time.perf_counter() - t0}
+                history.append(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", xyz=f"{entry['xyz_loss']:.3f}",
+                                rel=f"{entry['rel_loss']:.3f}")
+                window, window_n = {}, 0
+            bar.update(1)
+            if completed % config.checkpoint_every == 0 and completed != config.iterations:
+                checkpoint(completed, seconds_before + time.perf_counter() - t0)
+    except KeyboardInterrupt:
+        # Keep what was learned: the next call resumes from here.
+        checkpoint(completed, seconds_before + time.perf_counter() - t0)
+        raise
+    finally:
+        bar.close()
+    checkpoint(completed, seconds_before + time.perf_counter() - t0)
+    return TrainResult(model=model.eval(), history=history, iteration=completed)

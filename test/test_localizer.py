@@ -1,0 +1,203 @@
+"""The pure localizer: real MapBundle + SIFT + D2SNet + poselib, never raising on a bad frame."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from d2s_nerf_ros.camera import CameraIntrinsics
+from d2s_nerf_ros.features import make_extractor
+from d2s_nerf_ros.geometry import pose_error, transform_points
+from d2s_nerf_ros.localizer import LocalizationResult, Localizer, LocalizerConfig
+from d2s_nerf_ros.map_bundle import MapBundle
+from d2s_nerf_ros.models.d2s import D2SConfig, D2SNet, reliability
+
+torch.set_num_threads(2)
+
+CAMERA = CameraIntrinsics(640, 480, 525.0, 525.0, 320.0, 240.0)
+SMALL_D2S = D2SConfig(descriptor_dim=128, n_layers=2, n_heads=4, head_dims=(256, 256))
+OVERFIT_D2S = D2SConfig(descriptor_dim=128, n_layers=1, n_heads=4, head_dims=(256, 256))
+STAGES = {"extract", "d2s", "pnp", "total"}
+
+
+def textured_image(width: int = 640, height: int = 480, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+@pytest.fixture(scope="module")
+def random_bundle() -> MapBundle:
+    torch.manual_seed(0)
+    model = D2SNet(SMALL_D2S)
+    extractor = make_extractor("sift", max_keypoints=512, device="cpu")
+    return MapBundle.create(model, extractor=extractor.config(), camera=CAMERA)
+
+
+@pytest.fixture(scope="module")
+def random_localizer(random_bundle: MapBundle) -> Localizer:
+    return Localizer(random_bundle, LocalizerConfig(max_keypoints=512, device="cpu"))
+
+
+def assert_failed_cleanly(result: LocalizationResult, expected: str) -> None:
+    assert isinstance(result, LocalizationResult)
+    assert result.success is False
+    assert result.T_world_cam is None and result.covariance is None
+    assert expected in result.reason, result.reason
+    assert "total" in result.timings_ms and result.timings_ms["total"] >= 0
+
+
+@pytest.mark.parametrize("name, make_input, expected", [
+    ("none", lambda: (None, CAMERA), "no image"),
+    ("list", lambda: ([[0, 1], [2, 3]], CAMERA), "numpy array"),
+    ("float image", lambda: (np.zeros((480, 640, 3), np.float32), CAMERA), "dtype float32"),
+    ("int64 image", lambda: (np.zeros((480, 640), np.int64), CAMERA), "dtype int64"),
+    ("four channels", lambda: (np.zeros((480, 640, 4), np.uint8), CAMERA), "shape (480, 640, 4)"),
+    ("4-d array", lambda: (np.zeros((1, 480, 640, 3), np.uint8), CAMERA), "shape"),
+    ("1-d array", lambda: (np.zeros(640, np.uint8), CAMERA), "shape"),
+    ("empty", lambda: (np.zeros((0, 640, 3), np.uint8), CAMERA), "empty"),
+    ("1x1", lambda: (np.zeros((1, 1, 3), np.uint8), CAMERA.scaled_to(1, 1)), "too small"),
+    ("size mismatch", lambda: (textured_image(320, 240), CAMERA),
+     "image size 320x240 does not match camera info 640x480"),
+    ("transposed", lambda: (textured_image(480, 640), CAMERA), "image size 480x640 does not match"),
+    ("no camera", lambda: (textured_image(), None), "CameraIntrinsics"),
+    ("zeros image", lambda: (np.zeros((480, 640, 3), np.uint8), CAMERA), "only 0 keypoints"),
+    ("constant grey", lambda: (np.full((480, 640), 128, np.uint8), CAMERA), "only 0 keypoints"),
+])
+def test_garbage_inputs_fail_with_a_reason(random_localizer: Localizer, name, make_input, expected):
+    image, camera = make_input()
+    result = random_localizer.localize(image, camera)
+    assert_failed_cleanly(result, expected)
+
+
+def test_untrained_map_fails_on_a_textured_image_and_says_why(random_localizer: Localizer):
+    result = random_localizer.localize(textured_image(seed=3), CAMERA)
+    assert_failed_cleanly(result, "inliers")
+    assert result.n_keypoints > 100
+    assert set(result.timings_ms) == STAGES
+    assert all(v >= 0 for v in result.timings_ms.values())
+    assert result.timings_ms["total"] >= result.timings_ms["extract"] + result.timings_ms["d2s"]
+    # A randomly initialised head predicts |u| far from 0, so few predictions pass r >= 0.5:
+    # the localizer falls back to the most reliable ones and says so.
+    assert result.n_reliable < 15
+    assert result.used_fallback
+    assert "most reliable" in result.reason
+
+
+def test_uint16_and_grey_images_are_accepted(random_localizer: Localizer):
+    grey = cv2.cvtColor(textured_image(seed=4), cv2.COLOR_RGB2GRAY)
+    for image in (grey, grey.astype(np.uint16) * 16, grey[:, :, None]):
+        result = random_localizer.localize(image, CAMERA)
+        assert result.n_keypoints > 100, result.reason  # reached extraction and D2S
+        assert "d2s" in result.timings_ms
+
+
+def test_an_exception_inside_becomes_a_failure(random_bundle: MapBundle):
+    localizer = Localizer(random_bundle, LocalizerConfig(max_keypoints=512, device="cpu"))
+
+    class BrokenModel(torch.nn.Module):
+        def forward(self, descriptors, mask):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    localizer.model = BrokenModel()  # a real fault path: the model call raising at run time
+    result = localizer.localize(textured_image(), CAMERA)
+    assert_failed_cleanly(result, "RuntimeError: CUDA out of memory (simulated)")
+    assert result.n_keypoints > 0
+
+
+def test_bad_config_and_mismatched_map_raise_at_construction(random_bundle: MapBundle):
+    with pytest.raises(ValueError, match="reliability_threshold"):
+        Localizer(random_bundle, LocalizerConfig(reliability_threshold=2.0, device="cpu"))
+    with pytest.raises(ValueError, match="min_inliers"):
+        Localizer(random_bundle, LocalizerConfig(min_inliers=3, device="cpu"))
+    # A map whose model expects 64-d descriptors cannot run with SIFT's 128-d ones.
+    wrong = MapBundle.create(D2SNet(D2SConfig(descriptor_dim=64, n_layers=1, head_dims=(32,))),
+                             extractor=random_bundle.extractor_config, camera=CAMERA)
+    with pytest.raises(ValueError, match="64-d descriptors"):
+        Localizer(wrong, LocalizerConfig(device="cpu"))
+
+
+def test_from_path_and_warmup(random_bundle: MapBundle, tmp_path: Path):
+    random_bundle.save(tmp_path / "map")
+    localizer = Localizer.from_path(tmp_path / "map", LocalizerConfig(max_keypoints=256, device="cpu"))
+    assert localizer.extractor.max_keypoints == 256
+    result = localizer.warmup()
+    assert isinstance(result, LocalizationResult) and not result.success
+    assert result.n_keypoints > 0 and "pnp" in result.timings_ms
+
+
+# ----------------------------------------------------------------------------- real data, end to end
+
+
+def _depth_labels(frame_dir: Path, index: int, keypoints: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """World points of the keypoints from the 7-Scenes depth (colour intrinsics, as the README advises)."""
+    T = np.loadtxt(frame_dir / f"frame-{index:06d}.pose.txt")
+    depth_raw = cv2.imread(str(frame_dir / f"frame-{index:06d}.depth.png"), cv2.IMREAD_UNCHANGED)
+    cols = np.clip(np.rint(keypoints[:, 0]).astype(int), 0, 639)
+    rows = np.clip(np.rint(keypoints[:, 1]).astype(int), 0, 479)
+    raw = depth_raw[rows, cols]
+    valid = (raw > 0) & (raw != 65535)
+    z = raw.astype(np.float64) / 1000.0
+    p_cam = np.stack([(keypoints[:, 0] - CAMERA.cx) / CAMERA.fx * z, (keypoints[:, 1] - CAMERA.cy) / CAMERA.fy * z, z],
+                     axis=1)
+    return transform_points(T, p_cam), valid, T
+
+
+def _train_step(model: D2SNet, optimiser: torch.optim.Optimizer, descriptors: torch.Tensor, target: torch.Tensor,
+                valid: torch.Tensor) -> float:
+    xyz, u = model(descriptors)
+    coordinate_loss = (xyz[0][valid] - target[valid]).norm(dim=1).mean()
+    reliability_loss = ((reliability(u[0]) - valid.float()) ** 2).mean()
+    optimiser.zero_grad()
+    (coordinate_loss + reliability_loss).backward()
+    optimiser.step()
+    return float(coordinate_loss.detach())
+
+
+def test_overfit_map_localizes_its_own_frame(redkitchen_dir: Path):
+    """A D2S net overfitted to one real frame's depth labels must give that frame's pose back."""
+    frame_dir = redkitchen_dir / "seq-01"
+    image = cv2.cvtColor(cv2.imread(str(frame_dir / "frame-000000.color.jpg")), cv2.COLOR_BGR2RGB)
+    extractor = make_extractor("sift", max_keypoints=400, device="cpu")
+    features = extractor.extract(image)
+    points, valid, T_gt = _depth_labels(frame_dir, 0, features.keypoints.astype(np.float64))
+    assert valid.sum() > 150
+
+    torch.manual_seed(0)
+    model = D2SNet(OVERFIT_D2S)
+    centre = points[valid].mean(axis=0)
+    model.set_coordinate_frame(torch.tensor(centre, dtype=torch.float32), float(np.abs(points[valid] - centre).max()))
+    descriptors = torch.from_numpy(features.descriptors)[None]
+    target = torch.from_numpy(points.astype(np.float32))
+    valid_t = torch.from_numpy(valid)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    steps = 500
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    # One thread: on a shared 2-core machine, more threads only fight over the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            coordinate_loss = _train_step(model, optimiser, descriptors, target, valid_t)
+            schedule.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert coordinate_loss < 0.05, coordinate_loss
+
+    bundle = MapBundle.create(model, extractor=extractor.config(), camera=CAMERA)
+    localizer = Localizer(bundle, LocalizerConfig(max_keypoints=400, device="cpu"))
+    result = localizer.localize(image, CAMERA)
+    assert result.success, result.reason
+    assert result.reason == "" and not result.used_fallback
+    dt, dr = pose_error(result.T_world_cam, T_gt)
+    assert dt < 0.05 and dr < 2.0, (dt, dr)
+    assert result.n_inliers >= 100 and result.n_reliable >= result.n_inliers
+    assert set(result.timings_ms) == STAGES
+    cov = result.covariance
+    assert cov.shape == (6, 6) and np.allclose(cov, cov.T) and np.linalg.eigvalsh(cov).min() > 0
+    # The position uncertainty is a few millimetres to centimetres, not a constant placeholder.
+    assert 1e-4 < np.sqrt(np.diag(cov)[:3]).max() < 0.1
