@@ -19,7 +19,7 @@ from d2s_nerf_ros.pnp import PnPConfig, solve_pnp_ransac
 @dataclass
 class MatchingBaselineConfig:
     retrieval_top_k: int = 3
-    matcher: str = "lightglue"
+    matcher: str = "auto"  # LightGlue where the extractor has weights for it, else mutual NN
     ransac_threshold_px: float = 12.0
     ransac_iterations: int = 10000
     min_inliers: int = 15

@@ -36,7 +36,7 @@ class ExtractorSettings:
 class BuildConfig:
     profile: str = "fast"
     extractor: ExtractorSettings = field(default_factory=ExtractorSettings)
-    matcher: str = "lightglue"          # "lightglue" | "mnn"
+    matcher: str = "auto"               # "auto" (LightGlue unless SIFT) | "lightglue" | "mnn"
     fraction: float | None = None
     every: int | None = None
     labels: str = "triangulation"       # LABEL_MODES
@@ -55,8 +55,8 @@ class BuildConfig:
     def validate(self) -> None:
         if self.labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}")
-        if self.matcher not in ("lightglue", "mnn"):
-            raise ValueError(f"matcher must be lightglue or mnn, got {self.matcher!r}")
+        if self.matcher not in ("auto", "lightglue", "mnn"):
+            raise ValueError(f"matcher must be auto, lightglue or mnn, got {self.matcher!r}")
         if self.synthetic_labels not in ("matches", "depth", "both"):
             raise ValueError(f"synthetic labels must be matches, depth or both, got {self.synthetic_labels!r}")
         if self.fraction is not None and self.every is not None:

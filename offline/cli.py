@@ -135,9 +135,10 @@ def cmd_evaluate(args) -> int:
     errors_t = [r["translation_error_m"] for r in rows]
     errors_r = [r["rotation_error_deg"] for r in rows]
     plot_error_cdf(out, [errors_t], [errors_r], [args.method])
-    print(json.dumps({k: summary[k] for k in (
+    written = json.loads((out / "results.json").read_text())  # inf is written as null there
+    print(json.dumps({k: written.get(k) for k in (
         "n_queries", "n_failed", "median_translation_m", "median_rotation_deg",
-        "recall_5cm_5deg", "recall_10cm_10deg") if k in summary}, indent=1))
+        "recall_5cm_5deg", "recall_10cm_10deg")}, indent=1))
     return 0
 
 
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-synthesis", action="store_true", help="train D2S on the real frames only")
     b.add_argument("--labels", choices=["triangulation", "depth", "both"], help="3D labels of the mapping keypoints")
     b.add_argument("--synthetic-labels", choices=["matches", "depth", "both"])
-    b.add_argument("--matcher", choices=["lightglue", "mnn"])
+    b.add_argument("--matcher", choices=["auto", "lightglue", "mnn"], help="default auto: LightGlue unless the extractor is SIFT")
     b.add_argument("--train-iterations", type=int)
     b.add_argument("--nerf-iterations", type=int)
     b.add_argument("--device", choices=["auto", "cpu", "cuda"])

@@ -22,7 +22,7 @@ import torch
 from d2s_nerf_ros.device import resolve_device
 from d2s_nerf_ros.features.base import Features
 
-MATCHER_NAMES = ("lightglue", "mnn")
+MATCHER_NAMES = ("auto", "lightglue", "mnn")
 LIGHTGLUE_SHIPPED = {"aliked": "aliked_lightglue", "disk": "disk_lightglue"}
 LIGHTGLUE_SUPERPOINT_ENV = "D2S_LIGHTGLUE_SUPERPOINT_WEIGHTS"
 LIGHTGLUE_INPUT_DIMS = {"aliked": 128, "disk": 128, "superpoint": 256}
@@ -229,7 +229,10 @@ class LightGlueMatcher(Matcher):
 # -- factory and helpers -----------------------------------------------------------------
 
 def make_matcher(name: str, extractor_name: str, device: str = "auto", **options: Any) -> Matcher:
-    """``lightglue`` (aliked, disk; superpoint with weights) or ``mnn`` (any descriptor)."""
+    """``lightglue`` (aliked, disk; superpoint with weights), ``mnn`` (any descriptor), or
+    ``auto``: LightGlue where the extractor has LightGlue weights, else mutual nearest neighbour."""
+    if name == "auto":
+        name = "mnn" if extractor_name == "sift" else "lightglue"
     if name == "lightglue":
         return LightGlueMatcher(extractor_name, device=device, **options)
     if name == "mnn":

@@ -484,7 +484,7 @@ def train_nerfacto(frames: list[Frame], config: NerfactoConfig, work_dir: Path,
                 return previous
             handle, resume = previous, True
         else:
-            log(f"[nerf] {work_dir} holds a model for other frames/settings: training afresh")
+            log(f"[nerf] {work_dir} holds no usable checkpoint for these frames and settings: training afresh")
 
     positions = np.stack([np.asarray(f.T_world_cam, dtype=np.float64)[:3, 3] for f in frames])
     if handle is None:
@@ -499,7 +499,7 @@ def train_nerfacto(frames: list[Frame], config: NerfactoConfig, work_dir: Path,
     images = images.to(device)
     sizes_np = sizes.numpy()
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         model = build_model(config, len(frames)).to(device)
         groups = model.get_param_groups()

@@ -1,0 +1,161 @@
+"""The offline pipeline end to end on a real bag of the generated room (exact geometry):
+bag -> frames -> features -> matches -> pycolmap labels -> augmentation -> D2S -> bundle,
+the stage cache, the matching baseline, and the CLI's error handling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from d2s_nerf_ros.geometry import pose_error, project_points
+from offline.build import BuildConfig, ExtractorSettings, build_map
+from offline.demo_scene import write_demo_bag
+from offline.sources import BagSourceOptions, open_source
+
+N_FRAMES = 48
+
+
+def small_config(**overrides) -> BuildConfig:
+    cfg = BuildConfig(
+        profile="fast", extractor=ExtractorSettings(name="sift", max_keypoints=600), matcher="mnn",
+        augment_per_image=1, train_iterations=40, train_images_per_batch=2, train_keypoints_per_image=256,
+        synthesis=False, device="cpu")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    gt = write_demo_bag(root / "bag", n_frames=N_FRAMES, storage="mcap", pose_source="tf")
+    frames = open_source(root / "bag", root / "frames", BagSourceOptions())
+    mapping = frames.subset(list(range(0, N_FRAMES, 3)))
+    queries = [frames[i] for i in range(N_FRAMES) if i % 3][::4]
+    t0 = time.perf_counter()
+    summary = build_map(mapping, root / "map", small_config(), progress=False, log=lambda s: None)
+    return {"root": root, "gt": gt, "frames": frames, "mapping": mapping, "queries": queries,
+            "summary": summary, "first_build_s": time.perf_counter() - t0}
+
+
+def test_bundle_is_complete_and_loadable(demo):
+    from d2s_nerf_ros.map_bundle import MapBundle
+
+    bundle = MapBundle.load(demo["root"] / "map")
+    m = bundle.manifest
+    assert [f["name"] for f in m["frames"]] == demo["mapping"].names()
+    assert set(m["files"]) >= {"d2s.safetensors", "map_points.safetensors", "report.html"}
+    assert m["extractor"]["name"] == "sift"
+    assert m["training"]["n_real_images"] == len(demo["mapping"])
+    assert m["training"]["n_augmented_images"] == len(demo["mapping"])
+    assert m["synthesis"] == {"enabled": False}
+    report = (demo["root"] / "map" / "report.html").read_text()
+    assert "Trajectory" in report and "data:image/png;base64," in report
+    assert not list(demo["root"].glob("map.tmp-*")), "no half-written bundle may be left behind"
+
+
+def test_triangulated_labels_agree_with_exact_geometry(demo):
+    """Each valid label reprojects onto its keypoint and lies on the rendered surface."""
+    from offline.baseline import load_map_points
+
+    gt = demo["gt"]
+    index = {f.name: i for i, f in enumerate(demo["frames"])}
+    map_frames = load_map_points(demo["root"] / "map")
+    dists, reproj = [], []
+    for frame, mf in zip(demo["mapping"], map_frames):
+        i = index[frame.name]
+        pts = mf.points3D[mf.valid]
+        kps = mf.keypoints[mf.valid]
+        uv, z = project_points(np.linalg.inv(gt.T_world_cam[i]), gt.camera.K, pts)
+        reproj.append(np.linalg.norm(uv - kps, axis=1))
+        # The exact depth under the keypoint, back-projected with the exact pose.
+        depth = gt.depths[i][np.clip(np.round(kps[:, 1]).astype(int), 0, gt.camera.height - 1),
+                             np.clip(np.round(kps[:, 0]).astype(int), 0, gt.camera.width - 1)]
+        dists.append(np.abs(z - depth))
+    reproj = np.concatenate(reproj)
+    dists = np.concatenate(dists)
+    assert demo["summary"].n_labelled_keypoints > 500
+    assert np.median(reproj) < 1.0
+    assert np.median(dists) < 0.01, f"labels off the surface by {np.median(dists):.3f} m (median)"
+
+
+def test_rebuild_reuses_every_stage(demo):
+    t0 = time.perf_counter()
+    again = build_map(demo["mapping"], demo["root"] / "map", small_config(), progress=False, log=lambda s: None)
+    seconds = time.perf_counter() - t0
+    assert all(again.cached.get(k) for k in ("features", "matches", "triangulation", "augmentation")), again.cached
+    assert again.final_loss == demo["summary"].final_loss  # the finished training checkpoint is reused
+    assert seconds < demo["first_build_s"]
+
+
+def test_changed_training_settings_reuse_labels_but_retrain(demo, tmp_path):
+    cfg = small_config(train_iterations=20)
+    again = build_map(demo["mapping"], tmp_path / "map2", cfg, work_dir=demo["root"] / "map.work",
+                      progress=False, log=lambda s: None)
+    assert again.cached["triangulation"] and again.cached["augmentation"]
+    history = json.loads((demo["root"] / "map.work" / "training_history.json").read_text())
+    assert history[-1]["iteration"] <= 20
+
+
+def test_matching_baseline_localises_held_out_frames(demo):
+    from offline.baseline import MatchingBaseline, MatchingBaselineConfig
+
+    baseline = MatchingBaseline(demo["root"] / "map", MatchingBaselineConfig(matcher="mnn", device="cpu"))
+    errors = []
+    for frame in demo["queries"]:
+        res = baseline.localize(frame.load_rgb(), frame.camera)
+        errors.append(pose_error(res.T_world_cam, frame.T_world_cam) if res.success else (np.inf, np.inf))
+    t = np.array([e[0] for e in errors])
+    r = np.array([e[1] for e in errors])
+    assert np.median(t) < 0.02 and np.median(r) < 1.0, errors
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "offline.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_unknown_source_lists_what_is_accepted(tmp_path):
+    (tmp_path / "junk").mkdir()
+    proc = _cli("build", str(tmp_path / "junk"), "--out", str(tmp_path / "m"), "--no-synthesis")
+    assert proc.returncode == 1
+    assert "cannot tell what kind of source" in proc.stderr and "transforms.json" in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_empty_selection_is_an_error(demo, tmp_path):
+    proc = _cli("build", str(demo["root"] / "bag"), "--out", str(tmp_path / "m"), "--fraction", "0.0001",
+                "--no-synthesis", "--extractor", "sift")
+    assert proc.returncode == 1, proc.stderr
+    assert "error" in proc.stderr and not (tmp_path / "m").exists()
+
+
+def test_cli_evaluate_refuses_a_corrupted_map(demo, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(demo["root"] / "map", broken)
+    weights = broken / "d2s.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    proc = _cli("evaluate", str(broken), str(demo["root"] / "bag"), "--out", str(tmp_path / "eval"))
+    assert proc.returncode == 1
+    assert "sha256" in proc.stderr.lower() or "corrupt" in proc.stderr.lower(), proc.stderr
+
+
+def test_cli_evaluate_writes_results(demo, tmp_path):
+    proc = _cli("evaluate", str(demo["root"] / "map"), str(demo["root"] / "bag"), "--out", str(tmp_path / "eval"),
+                "--every", "8", "--method", "match", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    for key in ("n_queries", "n_failed", "median_translation_m", "median_rotation_deg",
+                "recall_5cm_5deg", "recall_10cm_10deg", "latency_ms"):
+        assert key in res
+    # Map frames are not queries: 48 frames - 16 map frames = 32, every 8th -> 4.
+    assert res["n_queries"] == 4
+    assert (tmp_path / "eval" / "error_cdf.png").stat().st_size > 0
