@@ -39,7 +39,6 @@ Behaviour
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 import threading
 import time
@@ -86,6 +85,7 @@ WARN_EVERY_S = 5.0          # one warning per kind of frame problem at most this
 STATS_WINDOW_S = 10.0       # rates and latency percentiles in diagnostics cover this window
 IMAGE_TIMEOUT_S = 5.0       # diagnostics WARN when no image arrived for this long
 ERROR_AFTER_FAILURES = 10   # diagnostics ERROR after this many failed frames in a row
+CAMERA_INFO_WAIT_S = 0.2    # how long an image waits for the first CameraInfo
 
 
 # --------------------------------------------------------------------------- parameters
@@ -390,6 +390,7 @@ class LocalizerNode(Node):
         self._tf: _TfLookup | None = None
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
+        self._first_camera_info = threading.Event()
         self.device_name = ""
 
     # ------------------------------------------------------------------ start-up
@@ -496,6 +497,7 @@ class LocalizerNode(Node):
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._camera_info = msg  # checked per frame, so a bad one is reported on the frames it ruins
+        self._first_camera_info.set()
 
     # ------------------------------------------------------------------ worker thread
     def _work(self) -> None:
@@ -513,6 +515,10 @@ class LocalizerNode(Node):
 
     def _camera(self) -> CameraIntrinsics:
         info = self._camera_info
+        if info is None:
+            # A driver sends CameraInfo and image together; the very first image may win the race.
+            self._first_camera_info.wait(CAMERA_INFO_WAIT_S)
+            info = self._camera_info
         if info is None:
             raise FrameRejected(f"no CameraInfo received on {self.settings.camera_info_topic} yet")
         if self._camera_cache is None or self._camera_cache[0] is not info:

@@ -22,7 +22,7 @@ from offline.labelled import LabelledImage, load_labelled, save_labelled
 from offline.sources.frames import Frame, FrameSet, even_indices
 from offline.stages import StageRunner, fingerprint, to_jsonable, write_json_atomic
 
-LABEL_MODES = ("triangulation", "depth", "both")
+LABEL_MODES = ("auto", "triangulation", "depth", "both")
 
 
 @dataclass
@@ -39,12 +39,16 @@ class BuildConfig:
     matcher: str = "auto"               # "auto" (LightGlue unless SIFT) | "lightglue" | "mnn"
     fraction: float | None = None
     every: int | None = None
-    labels: str = "triangulation"       # LABEL_MODES
+    labels: str = "triangulation"       # LABEL_MODES; "auto": depth when every mapping frame has depth, else triangulation
     num_pair_neighbours: int = 5
     augment_per_image: int = 6
     train_iterations: int = 6000
     train_images_per_batch: int = 4
     train_keypoints_per_image: int = 1024
+    train_lr: float = 5e-4
+    train_threads: int | None = None    # torch CPU threads while training (None: torch's default); CPU only
+    model_layers: int = 5               # D2S attentional message-passing layers
+    model_head_dims: tuple[int, ...] = (512, 1024, 1024, 512)  # D2S regression head (the paper's)
     synthesis: bool = True
     synthetic_labels: str = "matches"   # "matches" | "depth" | "both"
     synthetic_ratio: float = 0.5
@@ -61,13 +65,31 @@ class BuildConfig:
             raise ValueError(f"synthetic labels must be matches, depth or both, got {self.synthetic_labels!r}")
         if self.fraction is not None and self.every is not None:
             raise ValueError("give --fraction or --every, not both")
+        if self.train_threads is not None and self.train_threads < 1:
+            raise ValueError(f"train_threads must be >= 1 (or None), got {self.train_threads}")
+        self.model_head_dims = tuple(int(d) for d in self.model_head_dims)
 
 
 def profile_config(profile: str) -> BuildConfig:
     """The two named profiles. ``fast``: a 20-frame map on 2 CPU cores in well under 20 minutes
     (without synthesis). ``paper``: the papers' settings, meant for a GPU."""
     if profile == "fast":
-        return BuildConfig(profile="fast")
+        # Tuned on RedKitchen, 20 frames, 2 shared CPU cores (result in docs/BENCHMARKS.md):
+        # training time, not model capacity, is what limits a 20-minute build, so a small head and
+        # 3 message-passing layers (~0.2-0.5 s/iteration instead of 1.5-5 s at paper size) with a
+        # higher learning rate get far further in the same minutes. Depth labels (where the source
+        # has depth) label ~80 % of the keypoints instead of ~20 % and skip the matching stage;
+        # 4 augmented copies per frame keep the feature re-extraction to a few minutes.
+        return BuildConfig(
+            profile="fast",
+            labels="auto",
+            augment_per_image=4,
+            train_iterations=1500,
+            train_lr=2e-3,
+            train_threads=1,
+            model_layers=3,
+            model_head_dims=(256, 256),
+        )
     if profile == "paper":
         return BuildConfig(
             profile="paper",
@@ -188,6 +210,14 @@ def labelled_from_labels(frames: list[Frame], feats: dict[str, Any],
     return out
 
 
+def resolve_label_mode(labels: str, frames: list[Frame]) -> str:
+    """``auto`` becomes ``depth`` when every mapping frame has a depth image (dense labels, no
+    matching stage), else ``triangulation``; the other modes stay as they are."""
+    if labels != "auto":
+        return labels
+    return "depth" if frames and all(f.depth_path is not None for f in frames) else "triangulation"
+
+
 def merge_labels(primary: tuple[np.ndarray, np.ndarray], secondary: tuple[np.ndarray, np.ndarray]):
     """Primary labels where valid, else secondary's (used for labels='both')."""
     p, pv = primary
@@ -240,10 +270,13 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
                        lambda d: _load_features(d / "features.npz"))
 
     # Labels --------------------------------------------------------------------
-    need_tri = config.labels in ("triangulation", "both")
-    need_depth = config.labels in ("depth", "both")
+    label_mode = resolve_label_mode(config.labels, frames)
+    if label_mode != config.labels:
+        log(f"labels: {config.labels} -> {label_mode}")
+    need_tri = label_mode in ("triangulation", "both")
+    need_depth = label_mode in ("depth", "both")
     if need_depth and any(f.depth_path is None for f in frames):
-        raise ValueError(f"labels={config.labels!r} needs depth images, and this source has none; use --labels triangulation")
+        raise ValueError(f"labels={label_mode!r} needs depth images, and this source has none; use --labels triangulation")
 
     pairs_cfg = PairsConfig(num_neighbours=config.num_pair_neighbours)
     tri_cfg = TriangulationConfig()
@@ -291,7 +324,7 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
     log(f"labelled keypoints: {n_labelled} of {sum(len(im.valid) for im in real)} in {len(real)} frames")
     if n_labelled == 0:
         raise ValueError("no keypoint got a 3D label: the mapping frames do not overlap enough (try more frames)")
-    label_key = fingerprint(feat_key, config.labels, config.matcher, pairs_cfg, tri_cfg)
+    label_key = fingerprint(feat_key, label_mode, config.matcher, pairs_cfg, tri_cfg)
 
     # Augmentation bank -----------------------------------------------------------
     aug_cfg = AugmentConfig(n_per_image=config.augment_per_image, seed=config.seed)
@@ -312,16 +345,25 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
         synthetic, synthesis_stats = _run_synthesis_stage(runner, frames, real, extractor, config, label_key, log)
 
     # Training --------------------------------------------------------------------
-    model_cfg = D2SConfig(descriptor_dim=extractor.descriptor_dim)
+    model_cfg = D2SConfig(descriptor_dim=extractor.descriptor_dim, n_layers=config.model_layers,
+                          head_dims=config.model_head_dims)
     train_cfg = D2STrainConfig(
         iterations=config.train_iterations, images_per_batch=config.train_images_per_batch,
-        max_keypoints_per_image=config.train_keypoints_per_image,
+        max_keypoints_per_image=config.train_keypoints_per_image, lr=config.train_lr,
         synthetic_ratio=config.synthetic_ratio if synthetic else 0.0,
         seed=config.seed, device=str(device))
     train_key = fingerprint(label_key, aug_cfg, synthesis_stats.get("key"), model_cfg, train_cfg)
     train_dir = work_dir / f"train-{train_key}"
     t0 = time.perf_counter()
-    result = train_d2s(real + augmented, train_cfg, model_cfg, train_dir, synthetic=synthetic or None, progress=progress)
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu" and config.train_threads:
+        # On a small shared CPU one thread is often faster than two (oversubscription).
+        torch.set_num_threads(config.train_threads)
+    try:
+        result = train_d2s(real + augmented, train_cfg, model_cfg, train_dir, synthetic=synthetic or None,
+                           progress=progress)
+    finally:
+        torch.set_num_threads(threads_before)
     runner.timings_s["training"] = time.perf_counter() - t0
     history = result.history
     final_loss = float(history[-1]["loss"]) if history else None

@@ -175,6 +175,13 @@ def replay(
             time.sleep(0.05)
         base = {key: collector.counter(key) or 0 for key in ("frames_dropped", "frames_received", "frames_processed")}
 
+        # The node uses the newest CameraInfo: give it one before the first image races it.
+        first_info = CameraInfo(**camera_info_fields(frame_list[0].camera))
+        ns_to_stamp_fields(time.time_ns(), first_info.header.stamp)
+        first_info.header.frame_id = CAMERA_FRAME_ID
+        info_pub.publish(first_info)
+        time.sleep(0.3)
+
         log(f"replaying {len(frame_list)} frames at {rate_hz:g} Hz on {send_topic}")
         sent: list[tuple[Frame, int]] = []
         period_ns = int(1e9 / rate_hz)
@@ -259,6 +266,9 @@ def replay(
 
     dropped = collector.counter("frames_dropped")
     received = collector.counter("frames_received")
+    # A counter that went down belongs to another (restarted) node: no honest delta then.
+    dropped = None if dropped is None or dropped < base["frames_dropped"] else dropped
+    received = None if received is None or received < base["frames_received"] else received
     result = {
         "n_sent": len(rows),
         "n_poses": len(hits),

@@ -63,6 +63,7 @@ class NodeProcess:
     """``python -m d2s_nerf_ros.node`` with parameters; stdout/stderr go to files."""
 
     def __init__(self, log_dir: Path, params: dict[str, Any], label: str = "localizer") -> None:
+        self.params = dict(params)
         args = [sys.executable, "-m", "d2s_nerf_ros.node", "--ros-args"]
         for name, value in params.items():
             args += param_arg(name, value)
@@ -181,8 +182,10 @@ class Probe:
         def ready() -> bool:
             if not node.alive():
                 raise AssertionError(f"the node exited with {node.proc.returncode}: {node.stderr()}")
-            return pub.get_subscription_count() > 0 and self.info_pub.get_subscription_count() > 0 \
-                and self.latest_diag() is not None
+            # Diagnostics from this very node (its map), not from one that is still shutting down.
+            with self.lock:
+                own = any(status.hardware_id == str(node.params.get("map_path")) for _, _, status in self.diagnostics)
+            return own and pub.get_subscription_count() > 0 and self.info_pub.get_subscription_count() > 0
         self.wait_until(ready, STARTUP_TIMEOUT_S, "the node to subscribe and publish diagnostics")
 
     def wait_counters(self, predicate: Callable[[dict[str, int]], bool], timeout: float, what: str) -> dict[str, int]:
@@ -367,7 +370,7 @@ def test_cuda_requested_without_gpu_exits_with_one_clear_line(tmp_path: Path, ra
 # ----------------------------------------------------------------------------- bad input, raw images
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def raw_node(tmp_path_factory, random_map_path: Path):
     log_dir = tmp_path_factory.mktemp("raw_node")
     node = NodeProcess(log_dir, {"map_path": str(random_map_path), "max_keypoints": 256, "ransac_iterations": 200,
@@ -396,117 +399,122 @@ def assert_next_good_frame_goes_through(probe: Probe) -> None:
     assert went_through_localizer(result), result
 
 
-# These run in file order on one node process; the first must come before any CameraInfo.
-def test_image_before_any_camera_info_is_reported(raw_node):
-    node, probe = raw_node
-    before = probe.wait_counters(lambda c: True, 10, "diagnostics")
-    result = probe.frame_result(image_fields(GOOD_RGB))
-    assert result.startswith("no CameraInfo received on /camera/camera_info"), result
-    after = probe.wait_counters(lambda c: c["frames_failed"] > before["frames_failed"], 10, "the failure counted")
-    assert after["frames_localized"] == before["frames_localized"]
-    assert probe.latest_diag()["last_failure_reason"] == result
-    with probe.lock:
-        assert probe.diagnostics[-1][0] in (1, 2)  # WARN or ERROR, not OK
-    assert_next_good_frame_goes_through(probe)
+class TestBadRawInput:
+    """One node (random map, sensor-data QoS) for all of these; it is stopped when the class ends.
+
+    They run in file order; the first must come before any CameraInfo reaches the node.
+    """
+
+    def test_image_before_any_camera_info_is_reported(self, raw_node):
+        node, probe = raw_node
+        before = probe.wait_counters(lambda c: True, 10, "diagnostics")
+        result = probe.frame_result(image_fields(GOOD_RGB))
+        assert result.startswith("no CameraInfo received on /camera/camera_info"), result
+        after = probe.wait_counters(lambda c: c["frames_failed"] > before["frames_failed"], 10, "the failure counted")
+        assert after["frames_localized"] == before["frames_localized"]
+        assert probe.latest_diag()["last_failure_reason"] == result
+        with probe.lock:
+            assert probe.diagnostics[-1][0] in (1, 2)  # WARN or ERROR, not OK
+        assert_next_good_frame_goes_through(probe)
 
 
-def test_garbage_bytes_are_rejected(raw_node):
-    node, probe = raw_node
-    probe.send_info(info_fields())
-    garbage = {"height": H, "width": W, "encoding": "rgb8", "is_bigendian": 0, "step": 3 * W,
-               "data": np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes()}
-    result = probe.frame_result(garbage)
-    assert result.startswith(f"bad image: image data has 1000 bytes, expected height*step = {H}*{3 * W}"), result
-    assert_next_good_frame_goes_through(probe)
+    def test_garbage_bytes_are_rejected(self, raw_node):
+        node, probe = raw_node
+        probe.send_info(info_fields())
+        garbage = {"height": H, "width": W, "encoding": "rgb8", "is_bigendian": 0, "step": 3 * W,
+                   "data": np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes()}
+        result = probe.frame_result(garbage)
+        assert result.startswith(f"bad image: image data has 1000 bytes, expected height*step = {H}*{3 * W}"), result
+        assert_next_good_frame_goes_through(probe)
 
 
-def test_wrong_encoding_is_rejected(raw_node):
-    node, probe = raw_node
-    probe.send_info(info_fields())
-    floats = {"height": H, "width": W, "encoding": "32FC1", "is_bigendian": 0, "step": 4 * W, "data": bytes(H * 4 * W)}
-    result = probe.frame_result(floats)
-    assert result.startswith("unsupported image: image encoding '32fc1' is not supported"), result
-    assert_next_good_frame_goes_through(probe)
+    def test_wrong_encoding_is_rejected(self, raw_node):
+        node, probe = raw_node
+        probe.send_info(info_fields())
+        floats = {"height": H, "width": W, "encoding": "32FC1", "is_bigendian": 0, "step": 4 * W, "data": bytes(H * 4 * W)}
+        result = probe.frame_result(floats)
+        assert result.startswith("unsupported image: image encoding '32fc1' is not supported"), result
+        assert_next_good_frame_goes_through(probe)
 
 
-def test_size_mismatch_with_camera_info_is_rejected(raw_node):
-    node, probe = raw_node
-    probe.send_info(info_fields())
-    result = probe.frame_result(image_fields(textured_image(160, 120)))
-    assert result == f"image size mismatch: image is 160x120 but CameraInfo says {W}x{H}", result
-    assert_next_good_frame_goes_through(probe)
+    def test_size_mismatch_with_camera_info_is_rejected(self, raw_node):
+        node, probe = raw_node
+        probe.send_info(info_fields())
+        result = probe.frame_result(image_fields(textured_image(160, 120)))
+        assert result == f"image size mismatch: image is 160x120 but CameraInfo says {W}x{H}", result
+        assert_next_good_frame_goes_through(probe)
 
 
-@pytest.mark.parametrize("bad_info, fragment", [
-    (info_fields(fx=float("nan")), "invalid CameraInfo: camera intrinsics must be finite"),
-    (info_fields(fx=0.0, fy=0.0), "invalid CameraInfo: focal lengths must be positive"),
-    (info_fields(model="kannala_brandt_9"), "CameraInfo distortion model 'kannala_brandt_9' is not supported"),
-    (info_fields(width=0, height=0), "CameraInfo has no image size"),
-])
-def test_invalid_camera_info_is_rejected_per_frame(raw_node, bad_info, fragment):
-    node, probe = raw_node
-    probe.send_info(bad_info)
-    time.sleep(0.2)  # CameraInfo and image travel separately; let the bad one land first
-    result = probe.frame_result(image_fields(GOOD_RGB))
-    assert result.startswith(fragment), result
-    assert_next_good_frame_goes_through(probe)
+    @pytest.mark.parametrize("bad_info, fragment", [
+        (info_fields(fx=float("nan")), "invalid CameraInfo: camera intrinsics must be finite"),
+        (info_fields(fx=0.0, fy=0.0), "invalid CameraInfo: focal lengths must be positive"),
+        (info_fields(model="kannala_brandt_9"), "CameraInfo distortion model 'kannala_brandt_9' is not supported"),
+        (info_fields(width=0, height=0), "CameraInfo has no image size"),
+    ])
+    def test_invalid_camera_info_is_rejected_per_frame(self, raw_node, bad_info, fragment):
+        node, probe = raw_node
+        probe.send_info(bad_info)
+        time.sleep(0.2)  # CameraInfo and image travel separately; let the bad one land first
+        result = probe.frame_result(image_fields(GOOD_RGB))
+        assert result.startswith(fragment), result
+        assert_next_good_frame_goes_through(probe)
 
 
-def test_other_encodings_and_distortion_go_through(raw_node):
-    node, probe = raw_node
-    probe.send_info(info_fields(model="plumb_bob", d=[0.1, -0.05, 0.001, 0.0, 0.0]))
-    time.sleep(0.2)
-    for fields in (image_fields(GOOD_RGB, "bgr8"), image_fields(cv2.cvtColor(GOOD_RGB, cv2.COLOR_RGB2GRAY), "mono8"),
-                   image_fields(cv2.cvtColor(GOOD_RGB, cv2.COLOR_RGB2GRAY).astype(np.uint16) * 16, "mono16")):
-        result = probe.frame_result(fields)
-        assert went_through_localizer(result), (fields["encoding"], result)
-    probe.send_info(info_fields(model="equidistant", d=[0.01, 0.0, 0.0, 0.0]))
-    time.sleep(0.2)
-    assert went_through_localizer(probe.frame_result(image_fields(GOOD_RGB)))
+    def test_other_encodings_and_distortion_go_through(self, raw_node):
+        node, probe = raw_node
+        probe.send_info(info_fields(model="plumb_bob", d=[0.1, -0.05, 0.001, 0.0, 0.0]))
+        time.sleep(0.2)
+        for fields in (image_fields(GOOD_RGB, "bgr8"), image_fields(cv2.cvtColor(GOOD_RGB, cv2.COLOR_RGB2GRAY), "mono8"),
+                       image_fields(cv2.cvtColor(GOOD_RGB, cv2.COLOR_RGB2GRAY).astype(np.uint16) * 16, "mono16")):
+            result = probe.frame_result(fields)
+            assert went_through_localizer(result), (fields["encoding"], result)
+        probe.send_info(info_fields(model="equidistant", d=[0.01, 0.0, 0.0, 0.0]))
+        time.sleep(0.2)
+        assert went_through_localizer(probe.frame_result(image_fields(GOOD_RGB)))
 
 
-def test_burst_of_200_frames_is_dropped_not_queued(raw_node):
-    node, probe = raw_node
-    probe.send_info(info_fields())
-    assert went_through_localizer(probe.frame_result(image_fields(GOOD_RGB)))
-    before = probe.wait_counters(lambda c: True, 10, "diagnostics")
-    fields = image_fields(GOOD_RGB)
-    t0 = time.monotonic()
-    for _ in range(200):
-        probe.send_image(fields)
-    burst_s = time.monotonic() - t0
-    # Settled: everything the node received is either processed or counted as dropped.
-    after = probe.wait_counters(
-        lambda c: c["frames_received"] > before["frames_received"]
-        and c["frames_processed"] - before["frames_processed"] + c["frames_dropped"] - before["frames_dropped"]
-        == c["frames_received"] - before["frames_received"],
-        60, "the burst to settle")
-    received = after["frames_received"] - before["frames_received"]
-    processed = after["frames_processed"] - before["frames_processed"]
-    dropped = after["frames_dropped"] - before["frames_dropped"]
-    print(f"burst: sent 200 in {burst_s:.2f} s, node received {received}, processed {processed}, dropped {dropped}")
-    assert dropped > 0, "newer frames must replace unprocessed ones"
-    assert processed < received
-    # No backlog: the frame after the burst is handled straight away, not after the queue.
-    t0 = time.monotonic()
-    assert_next_good_frame_goes_through(probe)
-    assert time.monotonic() - t0 < FRAME_TIMEOUT_S
-    assert node.alive()
+    def test_burst_of_200_frames_is_dropped_not_queued(self, raw_node):
+        node, probe = raw_node
+        probe.send_info(info_fields())
+        assert went_through_localizer(probe.frame_result(image_fields(GOOD_RGB)))
+        before = probe.wait_counters(lambda c: True, 10, "diagnostics")
+        fields = image_fields(GOOD_RGB)
+        t0 = time.monotonic()
+        for _ in range(200):
+            probe.send_image(fields)
+        burst_s = time.monotonic() - t0
+        # Settled: everything the node received is either processed or counted as dropped.
+        after = probe.wait_counters(
+            lambda c: c["frames_received"] > before["frames_received"]
+            and c["frames_processed"] - before["frames_processed"] + c["frames_dropped"] - before["frames_dropped"]
+            == c["frames_received"] - before["frames_received"],
+            60, "the burst to settle")
+        received = after["frames_received"] - before["frames_received"]
+        processed = after["frames_processed"] - before["frames_processed"]
+        dropped = after["frames_dropped"] - before["frames_dropped"]
+        print(f"burst: sent 200 in {burst_s:.2f} s, node received {received}, processed {processed}, dropped {dropped}")
+        assert dropped > 0, "newer frames must replace unprocessed ones"
+        assert processed < received
+        # No backlog: the frame after the burst is handled straight away, not after the queue.
+        t0 = time.monotonic()
+        assert_next_good_frame_goes_through(probe)
+        assert time.monotonic() - t0 < FRAME_TIMEOUT_S
+        assert node.alive()
 
 
-def test_diagnostics_report_rates_latency_and_reasons(raw_node):
-    node, probe = raw_node
-    d = probe.wait_until(probe.latest_diag, 10, "diagnostics")
-    for key in ("rate_hz", "latency_ms_p50", "processing_ms_p50", "inliers", "frames_dropped", "last_failure_reason",
-                "consecutive_failures", "device"):
-        assert key in d, key
-    assert d["device"] == "cpu"
-    assert float(d["processing_ms_p50"]) > 0
-    # A random map never localises: every frame failed, so the status cannot be OK.
-    with probe.lock:
-        level, values, status = probe.diagnostics[-1]
-    assert level in (1, 2) and values["frames_localized"] == "0"
-    assert status.hardware_id == str(node.proc.args[node.proc.args.index("-p") + 1].split(":=", 1)[1])
+    def test_diagnostics_report_rates_latency_and_reasons(self, raw_node, random_map_path: Path):
+        node, probe = raw_node
+        d = probe.wait_until(probe.latest_diag, 10, "diagnostics")
+        for key in ("rate_hz", "latency_ms_p50", "processing_ms_p50", "inliers", "frames_dropped", "last_failure_reason",
+                    "consecutive_failures", "device"):
+            assert key in d, key
+        assert d["device"] == "cpu"
+        assert float(d["processing_ms_p50"]) > 0
+        # A random map never localises: every frame failed, so the status cannot be OK.
+        with probe.lock:
+            level, values, status = probe.diagnostics[-1]
+        assert level in (1, 2) and values["frames_localized"] == "0"
+        assert status.hardware_id == str(random_map_path)
 
 
 # ----------------------------------------------------------------------------- bad input, compressed images
@@ -520,6 +528,7 @@ def test_compressed_transport_and_undecodable_images(tmp_path: Path, random_map_
         probe = Probe()
         probe.wait_ready(node, use_compressed=True)
         probe.send_info(info_fields())
+        time.sleep(0.2)
         assert went_through_localizer(probe.frame_result(jpeg_fields(GOOD_RGB), compressed=True))
         result = probe.frame_result({"format": "jpeg", "data": b"definitely not a jpeg" * 10}, compressed=True)
         assert result.startswith("bad image: compressed image (210 bytes, format 'jpeg') could not be decoded"), result
@@ -540,7 +549,7 @@ def test_compressed_transport_and_undecodable_images(tmp_path: Path, random_map_
 N_OVERFIT_FRAMES = 2
 
 
-def overfit_map(path: Path, frames: list, iterations: int = 1000) -> Path:
+def overfit_map(path: Path, frames: list, iterations: int = 600) -> Path:
     """A D2S net trained to remember a few real frames (depth labels): it localises exactly those.
 
     Stands in for a built map where the point is the node's plumbing, not generalisation.
@@ -814,25 +823,34 @@ def test_camera_info_round_trip():
 # ----------------------------------------------------------------------------- held-out accuracy with a built map
 
 
+BUILT_MAP_CACHE = REPO_ROOT / ".cache" / "test_maps" / "redkitchen_fast"
+
+
 @pytest.fixture(scope="session")
 def built_redkitchen_map(redkitchen_dir: Path) -> Path:
-    """A RedKitchen map from the build pipeline: ``D2S_TEST_MAP`` if set, else built (and cached) here.
+    """A RedKitchen map from the build pipeline.
 
-    The build uses ``offline.build.build_map`` with the fast profile on 2 % of the frames and
-    no synthesis; the result is cached under ``.cache/test_maps`` so reruns are free.
+    ``D2S_TEST_MAP`` names one; else the cached build under ``.cache/test_maps`` is used; else,
+    with ``D2S_BUILD_TEST_MAP=1``, it is built here with ``offline.build.build_map`` (fast
+    profile, 4 % of the frames, no synthesis: tens of minutes on 2 CPU cores) and cached.
     """
     given = os.environ.get("D2S_TEST_MAP")
     if given:
+        if not (Path(given) / "manifest.json").is_file():
+            pytest.fail(f"D2S_TEST_MAP={given} is not a map bundle")
         return Path(given)
+    if (BUILT_MAP_CACHE / "manifest.json").is_file():
+        return BUILT_MAP_CACHE
+    if os.environ.get("D2S_BUILD_TEST_MAP") != "1":
+        pytest.skip(f"no built RedKitchen map: set D2S_TEST_MAP=<map dir>, or D2S_BUILD_TEST_MAP=1 to build one "
+                    f"into {BUILT_MAP_CACHE}")
     from offline.build import build_map, profile_config
     from offline.sources.sevenscenes import load_sevenscenes
 
-    out = REPO_ROOT / ".cache" / "test_maps" / "redkitchen_fast"
-    if not (out / "manifest.json").is_file():
-        config = profile_config("fast")
-        config.fraction, config.synthesis, config.device = 0.04, False, "cpu"
-        build_map(load_sevenscenes(redkitchen_dir), out, config, progress=False)
-    return out
+    config = profile_config("fast")
+    config.fraction, config.synthesis, config.device = 0.04, False, "cpu"
+    build_map(load_sevenscenes(redkitchen_dir), BUILT_MAP_CACHE, config, progress=False)
+    return BUILT_MAP_CACHE
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ label can be checked against the true 3D point of its keypoint.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np

@@ -32,7 +32,7 @@ from offline.nerf.renderer import RenderResult, Renderer, choose_renderer
 from offline.sources.frames import Frame, even_indices
 from offline.synthesis.filtering import FilterConfig, features_of_labelled, match_count_histogram
 from offline.synthesis.labels import SyntheticLabelConfig, synthetic_labels
-from offline.synthesis.novel_poses import NovelPose, NovelPoseConfig, novel_poses
+from offline.synthesis.novel_poses import NovelPoseConfig, novel_poses
 
 STATS_FILE = "synthesis_stats.json"
 SYNTHETIC_FILE = "synthetic.npz"
