@@ -831,7 +831,7 @@ def built_redkitchen_map(redkitchen_dir: Path) -> Path:
     """A RedKitchen map from the build pipeline.
 
     ``D2S_TEST_MAP`` names one; else the cached build under ``.cache/test_maps`` is used; else,
-    with ``D2S_BUILD_TEST_MAP=1``, it is built here with ``offline.build.build_map`` (fast
+    with ``D2S_BUILD_TEST_MAP=1`` or in CI (``CI`` set), it is built here with ``offline.build.build_map`` (fast
     profile, 4 % of the frames, no synthesis: tens of minutes on 2 CPU cores) and cached.
     """
     given = os.environ.get("D2S_TEST_MAP")
@@ -841,7 +841,8 @@ def built_redkitchen_map(redkitchen_dir: Path) -> Path:
         return Path(given)
     if (BUILT_MAP_CACHE / "manifest.json").is_file():
         return BUILT_MAP_CACHE
-    if os.environ.get("D2S_BUILD_TEST_MAP") != "1":
+    # CI always builds it (about 10 minutes on 2 cores); elsewhere it is opt-in.
+    if os.environ.get("D2S_BUILD_TEST_MAP") != "1" and not os.environ.get("CI"):
         pytest.skip(f"no built RedKitchen map: set D2S_TEST_MAP=<map dir>, or D2S_BUILD_TEST_MAP=1 to build one "
                     f"into {BUILT_MAP_CACHE}")
     from offline.build import build_map, profile_config
