@@ -137,3 +137,28 @@ def matrix_from_rotvec(v: np.ndarray) -> np.ndarray:
 def skew(v: np.ndarray) -> np.ndarray:
     x, y, z = np.asarray(v, dtype=np.float64).reshape(3)
     return np.array([[0, -z, y], [z, 0, -x], [-y, x, 0]])
+
+
+def similarity_from_points(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Least-squares similarity (scale s, rotation R, translation t) with ``dst ~ s * R @ src + t``.
+
+    Umeyama's closed form (1991) for (N, 3) point sets, N >= 3 and not all collinear; used to
+    compare a trajectory known only up to a similarity (structure-from-motion) with the truth.
+    """
+    src = np.asarray(src, dtype=np.float64).reshape(-1, 3)
+    dst = np.asarray(dst, dtype=np.float64).reshape(-1, 3)
+    if src.shape != dst.shape or len(src) < 3:
+        raise ValueError(f"need two (N, 3) point sets of the same size with N >= 3, got {src.shape} and {dst.shape}")
+    mu_src, mu_dst = src.mean(axis=0), dst.mean(axis=0)
+    src_c, dst_c = src - mu_src, dst - mu_dst
+    var_src = float((src_c ** 2).sum()) / len(src)
+    U, S, Vt = np.linalg.svd(dst_c.T @ src_c / len(src))
+    if var_src < 1e-24 or S[1] < 1e-12 * max(S[0], 1e-300):
+        raise ValueError("the source points are (nearly) coincident or collinear: the similarity is not determined")
+    D = np.eye(3)
+    if np.linalg.det(U) * np.linalg.det(Vt) < 0:  # a reflection fits better: take the best rotation instead
+        D[2, 2] = -1.0
+    R = U @ D @ Vt
+    s = float(np.trace(np.diag(S) @ D)) / var_src
+    t = mu_dst - s * R @ mu_src
+    return s, R, t

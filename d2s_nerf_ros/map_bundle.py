@@ -47,6 +47,30 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_file(path: Path | str, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` to ``path``; a failure (disk full, file too large, no permission) is an
+    ``OSError`` that names the file, which a failing ``write()`` alone does not."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
+def save_safetensors_file(tensors: dict[str, torch.Tensor], path: Path | str,
+                          metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, except that a write failure is an ``OSError`` naming the
+    file (``save_file`` reports it as a ``SafetensorError`` with only the OS message in its text)."""
+    from safetensors.torch import save
+
+    write_file(path, save(tensors, metadata=metadata))
+
+
 def _check_extra_name(name: str) -> None:
     # Extra files live directly in the bundle directory: plain names only.
     if not name or name in _RESERVED_NAMES or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
@@ -118,27 +142,22 @@ class MapBundle:
 
     # ---------------------------------------------------------------- save
     def save(self, path: Path | str) -> Path:
-        from safetensors.torch import save_file
-
         path = Path(path)
         _check_weights(self.state_dict, self.model_config, where="the bundle being saved")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
         try:
-            save_file({k: v.contiguous() for k, v in self.state_dict.items()}, str(tmp / WEIGHTS_NAME),
-                      metadata={"format": MAP_FORMAT})
+            save_safetensors_file({k: v.contiguous() for k, v in self.state_dict.items()}, tmp / WEIGHTS_NAME,
+                                  metadata={"format": MAP_FORMAT})
             files = {WEIGHTS_NAME: sha256_file(tmp / WEIGHTS_NAME)}
             for name, content in self.extra_files.items():
                 if isinstance(content, bytes):
-                    (tmp / name).write_bytes(content)
+                    write_file(tmp / name, content)
                 else:
                     shutil.copyfile(content, tmp / name)
                 files[name] = sha256_file(tmp / name)
             manifest = dict(self.manifest, format=MAP_FORMAT, version=MAP_VERSION, files=files)
-            with open(tmp / MANIFEST_NAME, "w") as f:
-                json.dump(manifest, f, indent=2, allow_nan=False)
-                f.flush()
-                os.fsync(f.fileno())
+            write_file(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2, allow_nan=False).encode(), fsync=True)
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
             old = None
             if path.exists():

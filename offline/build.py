@@ -53,6 +53,8 @@ class BuildConfig:
     synthetic_labels: str = "matches"   # "matches" | "depth" | "both"
     synthetic_ratio: float = 0.5
     nerf_iterations: int = 1500
+    synthesis_keep_fraction: float | None = None  # renders kept with >= this fraction of max_keypoints matches (None: profile's)
+    synthesis_max_poses: int | None = None        # an even subsample of the novel poses, for a time budget
     device: str = "auto"
     seed: int = 0
 
@@ -68,6 +70,10 @@ class BuildConfig:
         if self.train_threads is not None and self.train_threads < 1:
             raise ValueError(f"train_threads must be >= 1 (or None), got {self.train_threads}")
         self.model_head_dims = tuple(int(d) for d in self.model_head_dims)
+        if self.synthesis_keep_fraction is not None and not 0.0 <= self.synthesis_keep_fraction <= 1.0:
+            raise ValueError(f"synthesis keep fraction must be in [0, 1], got {self.synthesis_keep_fraction}")
+        if self.synthesis_max_poses is not None and self.synthesis_max_poses < 1:
+            raise ValueError(f"synthesis max poses must be >= 1, got {self.synthesis_max_poses}")
 
 
 def profile_config(profile: str) -> BuildConfig:
@@ -84,7 +90,7 @@ def profile_config(profile: str) -> BuildConfig:
             profile="fast",
             labels="auto",
             augment_per_image=4,
-            train_iterations=1500,
+            train_iterations=3000,
             train_lr=2e-3,
             train_threads=1,
             model_layers=3,
@@ -417,12 +423,16 @@ def _map_points_arrays(real: list[LabelledImage]) -> dict[str, np.ndarray]:
 
 
 def _run_synthesis_stage(runner: StageRunner, frames, real, extractor, config: BuildConfig, label_key: str, log):
-    from offline.synthesis.stage import SynthesisConfig, run_synthesis, synthesis_config_for_profile
+    from offline.synthesis.stage import run_synthesis, synthesis_config_for_profile
     from offline.matching import make_matcher
 
     syn_cfg = synthesis_config_for_profile(config.profile, labels=config.synthetic_labels,
                                            nerf_iterations=config.nerf_iterations, seed=config.seed,
-                                           device=config.device, max_keypoints=config.extractor.max_keypoints)
+                                           device=config.device, max_keypoints=config.extractor.max_keypoints,
+                                           keep_fraction=config.synthesis_keep_fraction,
+                                           max_poses=config.synthesis_max_poses,
+                                           # one torch thread beats two on a small shared CPU (see NerfactoConfig)
+                                           cpu_threads=config.train_threads)
     key = fingerprint(label_key, syn_cfg)
     matcher = make_matcher(config.matcher, config.extractor.name, device=config.device)
     real_by_name = {im.name: im for im in real}

@@ -40,11 +40,35 @@ def _pose_to_camera(text: str) -> np.ndarray:
     return make_pose(matrix_from_quat_wxyz([v[6], v[3], v[4], v[5]]), v[:3])
 
 
+def _known_distance(text: str) -> tuple[int, int, float]:
+    from offline.sources.rosbag_source import BagSourceError, parse_known_distance
+
+    try:
+        return parse_known_distance(text)
+    except BagSourceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text: str) -> float:
+    value = _parse_floats(text, 1, "--scale")[0]
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--scale must be a positive number, got {text!r}")
+    return value
+
+
 def add_source_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("bag sources")
     g.add_argument("--image-topic", help="image topic (sensor_msgs/Image or CompressedImage)")
     g.add_argument("--camera-info-topic", help="sensor_msgs/CameraInfo topic")
-    g.add_argument("--pose-source", choices=["tf", "topic", "sfm"], default="tf")
+    g.add_argument("--pose-source", choices=["tf", "topic", "sfm"], default="tf",
+                   help="camera poses from /tf, from --pose-topic, or sfm: structure-from-motion on the selected "
+                        "images for bags without poses (arbitrary scale unless --scale or --known-distance)")
+    scale = g.add_mutually_exclusive_group()
+    scale.add_argument("--scale", type=_positive_float, metavar="S",
+                       help="--pose-source sfm: metres per SfM map unit (translations are multiplied by S)")
+    scale.add_argument("--known-distance", type=_known_distance, metavar="I,J,D",
+                       help="--pose-source sfm: the cameras of bag images I and J (frame-00000I, frame-00000J) are "
+                            "D metres apart; sets the metric scale")
     g.add_argument("--map-frame", default="map", help="TF frame the map is expressed in (pose source tf)")
     g.add_argument("--camera-frame", help="camera optical frame (default: the images' frame_id)")
     g.add_argument("--pose-topic", help="PoseStamped / PoseWithCovarianceStamped / Odometry / TransformStamped topic")
@@ -54,14 +78,23 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-motion", type=float, help="keep a bag frame only after this many metres of motion")
 
 
-def open_frames(args, source: Path, out_dir: Path):
-    from offline.sources import BagSourceOptions, SourceOptions, open_source
+def bag_source_options(args, fraction: float | None = None, every: int | None = None):
+    """The bag options of the parsed source arguments (absent ones take their defaults)."""
+    from offline.sources import BagSourceOptions
 
-    bag = BagSourceOptions(
+    return BagSourceOptions(
         image_topic=getattr(args, "image_topic", None), camera_info_topic=getattr(args, "camera_info_topic", None),
         pose_source=getattr(args, "pose_source", None) or "tf", map_frame=getattr(args, "map_frame", None) or "map",
         camera_frame=getattr(args, "camera_frame", None), pose_topic=getattr(args, "pose_topic", None),
-        pose_to_camera=getattr(args, "pose_to_camera", None), min_motion_m=getattr(args, "min_motion", None))
+        pose_to_camera=getattr(args, "pose_to_camera", None), min_motion_m=getattr(args, "min_motion", None),
+        scale=getattr(args, "scale", None), known_distance=getattr(args, "known_distance", None),
+        fraction=fraction, every=every)
+
+
+def open_frames(args, source: Path, out_dir: Path, fraction: float | None = None, every: int | None = None):
+    from offline.sources import SourceOptions, open_source
+
+    bag = bag_source_options(args, fraction, every)
     intrinsics = getattr(args, "intrinsics", None)
     return open_source(Path(source), Path(out_dir), SourceOptions(bag=bag, intrinsics=tuple(intrinsics) if intrinsics else None))
 
@@ -86,10 +119,21 @@ def cmd_build(args) -> int:
         config.train_iterations = args.train_iterations
     if args.nerf_iterations:
         config.nerf_iterations = args.nerf_iterations
+    if args.synthesis_keep_fraction is not None:
+        config.synthesis_keep_fraction = args.synthesis_keep_fraction
+    if args.synthesis_max_poses is not None:
+        config.synthesis_max_poses = args.synthesis_max_poses
     config.validate()
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
-    frameset = open_frames(args, Path(args.source), work / "source")
+    from offline.sources.rosbag_source import is_bag
+
+    if args.pose_source == "sfm" and is_bag(args.source):
+        # SfM poses only the frames it is given: the mapping selection comes before it, not after.
+        frameset = open_frames(args, Path(args.source), work / "source", fraction=config.fraction, every=config.every)
+        config.fraction = config.every = None
+    else:
+        frameset = open_frames(args, Path(args.source), work / "source")
     queries = None
     if args.queries:
         queries = _query_frames(args, Path(args.queries), None, args.query_every or 10, work / "queries")
@@ -99,6 +143,11 @@ def cmd_build(args) -> int:
 
 
 def _query_frames(args, source: Path, map_frame_names: set[str] | None, every: int, work: Path):
+    if getattr(args, "pose_source", None) == "sfm":
+        raise ValueError(
+            "query frames need ground-truth poses in the map's frame; --pose-source sfm makes poses in a frame "
+            "(and scale) of their own, so it cannot score queries: use a query source with tf or topic poses"
+        )
     frameset = open_frames(args, source, work)
     frames = [f for f in frameset.frames if not map_frame_names or f.name not in map_frame_names]
     if every < 1:
@@ -180,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--matcher", choices=["auto", "lightglue", "mnn"], help="default auto: LightGlue unless the extractor is SIFT")
     b.add_argument("--train-iterations", type=int)
     b.add_argument("--nerf-iterations", type=int)
+    b.add_argument("--synthesis-keep-fraction", type=float,
+                   help="keep a render with at least this fraction of --max-keypoints LightGlue matches to its "
+                        "reference frame (fast 0.06, paper 0.12)")
+    b.add_argument("--synthesis-max-poses", type=int, help="render at most this many novel views (fast 150)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"])
     b.add_argument("--seed", type=int)
     b.add_argument("--work-dir", help="stage cache (default: OUT.work); rerun to resume")
@@ -229,6 +282,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as exc:
         print(f"d2s-nerf {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full, file too large, no permission: the user can fix it and rerun
+        import errno
+
+        write_errors = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+        what = "cannot write" if exc.errno in write_errors else "file system error"
+        path = exc.filename2 or exc.filename  # the destination of a failed copy or rename
+        where = f" ({path})" if path else ""
+        rerun = "fix this and rerun the same command"
+        if args.command == "build":
+            # A map bundle only appears under --out once complete (temp dir, then rename).
+            out = Path(args.out)
+            work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
+            rerun = f"the finished stages stay cached in {work}: {rerun} to resume"
+        print(f"d2s-nerf {args.command}: error: {what}: {exc.strerror or exc}{where}; {rerun}", file=sys.stderr)
+        # A writer that failed half-way may still hold its file open (numpy's savez leaves its
+        # zip open); closing it at exit fails on the same full disk, and Python would print that
+        # as a second, stray traceback after the message above.
+        def ignore_os_errors(unraisable) -> None:
+            if not isinstance(unraisable.exc_value, OSError):
+                sys.__unraisablehook__(unraisable)
+
+        sys.unraisablehook = ignore_os_errors
         return 1
     except Exception as exc:  # map bundle errors and the like
         from d2s_nerf_ros.map_bundle import MapBundleError

@@ -10,7 +10,8 @@ form (numpy, vectorised; ~20 ms per 320x240 frame).
 ``write_demo_bag`` records a mapping run of that room as a real bag with ``rosbags``
 (ROS 2 mcap or sqlite3, or ROS 1): images (raw or compressed), CameraInfo, and poses as
 ``/tf`` (``map -> base_link`` moving, ``base_link -> camera_optical`` on ``/tf_static``) or
-as a pose topic. It returns the ground truth the bag was made from.
+as a pose topic, or no poses at all (for structure-from-motion). It returns the ground truth
+the bag was made from.
 
 World frame: ``map``, z up, metres. Camera: OpenCV optical axes (x right, y down, z forward).
 """
@@ -524,11 +525,12 @@ def write_demo_bag(
     ``storage``: ``mcap`` or ``sqlite3`` (a ROS 2 bag folder) or ``ros1`` (a ``.bag`` file).
     ``pose_source``: ``tf`` (``/tf`` map->base_link at 100 Hz, ``/tf_static``
     base_link->camera_optical) or ``topic`` (``/robot_pose`` of type ``pose_msgtype`` giving
-    the BASE pose in ``map`` at 100 Hz; the camera extrinsic is ``gt.T_base_cam``).
+    the BASE pose in ``map`` at 100 Hz; the camera extrinsic is ``gt.T_base_cam``) or ``none``
+    (images and CameraInfo only, for structure-from-motion; the truth is still returned).
     Images are stamped between pose samples, so a reader must interpolate.
     """
-    if pose_source not in ("tf", "topic"):
-        raise ValueError(f"pose_source must be tf or topic, got {pose_source!r}")
+    if pose_source not in ("tf", "topic", "none"):
+        raise ValueError(f"pose_source must be tf, topic or none, got {pose_source!r}")
     out_path = Path(out_path)
     if out_path.exists():
         raise ValueError(f"{out_path} exists already; the demo bag is written to a new path")
@@ -551,7 +553,7 @@ def write_demo_bag(
             for s in pose_stamps:
                 T = base_pose_at((s - START_NS) / 1e9)
                 events.append((s, 1, ("/tf", lambda s=s, T=T: bag.tf_message([bag.transform_stamped(s, gt.map_frame, gt.base_frame, T)]))))
-        else:
+        elif pose_source == "topic":
             for s in pose_stamps:
                 T = base_pose_at((s - START_NS) / 1e9)
                 events.append((s, 1, (pose_topic, lambda s=s, T=T: bag.pose_message(pose_msgtype, s, gt.map_frame, gt.base_frame, T))))

@@ -271,17 +271,18 @@ def batch_losses(model: D2SNet, batch: Batch, tau_px: float | None, median_depth
 
 # ------------------------------------------------------------------------------ checkpoints
 def _save_checkpoint(work_dir: Path, model: D2SNet, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+    from d2s_nerf_ros.map_bundle import save_safetensors_file
 
     name = f"ckpt-{state['iteration']:09d}"
     tmp = work_dir / (name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_safetensors_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                          tmp / "model.safetensors")
     opt = optimizer.state_dict()
     tensors = {f"{pid}.{key}": value.detach().cpu().contiguous()
                for pid, entries in opt["state"].items() for key, value in entries.items()}
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_safetensors_file(tensors, tmp / "optimizer.safetensors")
     state = dict(state, param_groups=opt["param_groups"])
     (tmp / "state.json").write_text(json.dumps(state))
     final = work_dir / name

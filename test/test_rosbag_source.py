@@ -221,8 +221,14 @@ def test_empty_selection_is_a_clear_error(tmp_path):
         load_bag(empty, BagSourceOptions(intrinsics=(1, 1, 0, 0)), tmp_path / "out")
 
 
-def test_sfm_pose_source_says_it_is_not_available(tmp_path):
+def test_bag_without_poses_points_to_sfm(tmp_path):
+    """The SfM path itself is tested in test_sfm.py; here, what a bag without poses is told."""
     path = tmp_path / "bag"
-    write_demo_bag(path, n_frames=2)
-    with pytest.raises(NotImplementedError, match="sfm"):
-        load_bag(path, BagSourceOptions(pose_source="sfm"), tmp_path / "out")
+    write_demo_bag(path, n_frames=2, pose_source="none")
+    for source in ("tf", "topic"):
+        with pytest.raises(BagSourceError, match="--pose-source sfm for poses from the images"):
+            load_bag(path, BagSourceOptions(pose_source=source), tmp_path / "out")
+    # The motion filter needs poses before the selection; SfM makes them after it.
+    with pytest.raises(BagSourceError, match="--every or --fraction instead"):
+        load_bag(path, BagSourceOptions(pose_source="sfm", min_motion_m=0.5), tmp_path / "out")
+    assert not (tmp_path / "out" / "frames.json").exists()

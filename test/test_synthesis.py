@@ -7,6 +7,7 @@ label can be checked against the true 3D point of its keypoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import cv2
@@ -306,6 +307,20 @@ def test_synthesis_stage_end_to_end_with_exact_renders(tmp_path, sift_and_mnn, m
     third = run_synthesis(frames, real, extractor, matcher, renderers, config, tmp_path / "syn", log=lines.append)
     assert third.stats["n_rendered_now"] == 0 and sum(r.calls for r in renderers) == calls
     assert third.stats["n_kept"] == stats["n_kept"]
+
+    # Another label mode or keep threshold (an ablation) reuses the renders and their features
+    # and matches: nothing is rendered, and decisions follow the new threshold from the same counts.
+    other = dataclasses.replace(config, labels=SyntheticLabelConfig(mode="both"),
+                                filter=FilterConfig(keep_fraction=0.05))
+    feature_files = sorted((tmp_path / "syn" / "renders").glob("*.features.npz"))
+    assert len(feature_files) == stats["n_poses"]
+    written = [p.stat().st_mtime_ns for p in feature_files]
+    fourth = run_synthesis(frames, real, extractor, matcher, renderers, other, tmp_path / "syn", log=lines.append)
+    assert fourth.stats["n_rendered_now"] == 0 and sum(r.calls for r in renderers) == calls
+    assert [p.stat().st_mtime_ns for p in feature_files] == written  # not extracted again
+    assert [d["n_matches"] for d in fourth.stats["decisions"]] == [d["n_matches"] for d in stats["decisions"]]
+    assert fourth.stats["keep_threshold"] == 26
+    assert fourth.stats["n_kept"] == sum(d["n_matches"] >= 26 for d in stats["decisions"]) >= stats["n_kept"]
 
 
 def test_synthesis_rejects_frames_without_labels(tmp_path, sift_and_mnn):

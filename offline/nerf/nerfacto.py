@@ -408,10 +408,10 @@ def _save_state(handle: NerfactoModelHandle, fingerprint: str) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
+    from d2s_nerf_ros.map_bundle import save_safetensors_file
 
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp))
+    save_safetensors_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)
 
 

@@ -69,6 +69,8 @@ def open_source(path: str | Path, out_dir: str | Path, options: SourceOptions | 
         options = SourceOptions(bag=options, intrinsics=options.intrinsics)
     path, out_dir = Path(path), Path(out_dir)
     kind = detect_source(path)
+    if kind != "rosbag" and options.bag.pose_source == "sfm":
+        raise ValueError(f"--pose-source sfm is for bags without poses; {path} is a {kind} source, which has its own poses")
     if kind == "rosbag":
         from offline.sources.rosbag_source import load_bag
 

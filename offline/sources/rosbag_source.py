@@ -7,7 +7,12 @@ each image's camera pose from one of:
 - ``tf``: the ``/tf`` + ``/tf_static`` chain from the map frame to the camera frame (default
   the image ``frame_id``), dynamic transforms interpolated to the image stamp;
 - ``topic``: a ``PoseStamped``, ``PoseWithCovarianceStamped``, ``Odometry`` or
-  ``TransformStamped`` topic interpolated to the image stamp, times ``pose_to_camera``.
+  ``TransformStamped`` topic interpolated to the image stamp, times ``pose_to_camera``;
+- ``sfm``: no poses in the bag: structure-from-motion (``offline/sfm.py``, COLMAP via pycolmap)
+  on the selected images. Its frame is the first registered camera's and its scale arbitrary
+  unless ``scale`` (metres per map unit) or ``known_distance`` (images I and J, the numbers in
+  their frame names ``frame-00000I``, are D metres apart) fixes it; frames SfM cannot register
+  are skipped and counted. The motion filter cannot run before there are poses.
 
 Images are ordered by header stamp (recorders do not guarantee it; how many were out of
 order is reported). An image whose pose cannot be interpolated from samples within
@@ -31,6 +36,7 @@ from d2s_nerf_ros.camera import CameraIntrinsics
 from d2s_nerf_ros.geometry import pose_error
 from d2s_nerf_ros.image_conversion import ImageConversionError, compressed_msg_to_numpy, image_msg_to_numpy
 from d2s_nerf_ros.tf_math import pose_from_msg, transform_from_msg
+from offline.sfm import SfmConfig
 from offline.sources.frames import Frame, FrameSet, even_indices
 from offline.sources.tf_buffer import TFBuffer, TransformLookupError
 
@@ -68,6 +74,11 @@ class BagSourceOptions:
     min_motion_m: float | None = None  # keep a frame once the camera moved this far ...
     min_rotation_deg: float | None = None  # ... or turned this much since the last kept one
     pose_tolerance_s: float = 0.1  # pose samples on each side of an image stamp must be this close
+    # pose_source "sfm" only: metres per SfM map unit, or "I,J,D" / (I, J, D): the camera centres
+    # of images I and J (message indices on the image topic, as in frame-00000I) are D metres apart.
+    scale: float | None = None
+    known_distance: Any = None
+    sfm: SfmConfig = field(default_factory=SfmConfig)
 
     def validate(self) -> None:
         if self.pose_source not in POSE_SOURCES:
@@ -88,6 +99,29 @@ class BagSourceOptions:
             parse_intrinsics(self.intrinsics)
         if self.pose_to_camera is not None:
             pose_to_camera_matrix(self.pose_to_camera)
+        if self.pose_source == "sfm":
+            if self.min_motion_m is not None or self.min_rotation_deg is not None:
+                raise BagSourceError(
+                    "the motion filter (--min-motion) needs poses before the frames are chosen, and --pose-source sfm "
+                    "makes them from the chosen frames; select frames with --every or --fraction instead"
+                )
+            for name, flag in (("pose_topic", "--pose-topic"), ("pose_to_camera", "--pose-to-camera")):
+                if getattr(self, name) is not None:
+                    raise BagSourceError(f"{flag} does not apply to --pose-source sfm (it reads no poses from the bag)")
+            if self.scale is not None and self.known_distance is not None:
+                raise BagSourceError("give at most one of --scale and --known-distance")
+            if self.scale is not None and not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
+                raise BagSourceError(f"--scale must be a positive number of metres per map unit, got {self.scale!r}")
+            if self.known_distance is not None:
+                parse_known_distance(self.known_distance)
+            try:
+                self.sfm.validate()
+            except ValueError as exc:
+                raise BagSourceError(str(exc)) from exc
+        elif self.scale is not None or self.known_distance is not None:
+            raise BagSourceError(
+                f"--scale and --known-distance apply only to --pose-source sfm; {self.pose_source} poses are already metric"
+            )
 
 
 def parse_intrinsics(value: str | Sequence[float]) -> tuple[float, float, float, float]:
@@ -100,6 +134,23 @@ def parse_intrinsics(value: str | Sequence[float]) -> tuple[float, float, float,
     if len(numbers) != 4 or not all(math.isfinite(v) for v in numbers) or numbers[0] <= 0 or numbers[1] <= 0:
         raise BagSourceError(f"intrinsics must be four finite numbers fx,fy,cx,cy with fx, fy > 0, got {value!r}")
     return numbers  # type: ignore[return-value]
+
+
+def parse_known_distance(value: str | Sequence[Any]) -> tuple[int, int, float]:
+    """``"I,J,D"`` or a 3-sequence -> (image I, image J, D metres), checked."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    accepted = ("known distance must be I,J,D: two different image indices (the numbers in the frame names "
+                "frame-00000I) and their cameras' distance in metres, e.g. 0,40,2.5")
+    if len(parts) != 3:
+        raise BagSourceError(f"{accepted}; got {value!r}")
+    try:
+        a, b = (int(str(p).strip()) for p in parts[:2])
+        distance = float(parts[2])
+    except (TypeError, ValueError):
+        raise BagSourceError(f"{accepted}; got {value!r}") from None
+    if a < 0 or b < 0 or a == b or not (math.isfinite(distance) and distance > 0):
+        raise BagSourceError(f"{accepted}; got {value!r}")
+    return a, b, distance
 
 
 def pose_to_camera_matrix(value: Any) -> np.ndarray:
@@ -317,11 +368,12 @@ def _read_metadata_pass(reader: Any, path: Path, image_topic: str, info_topic: s
         raise BagSourceError(f"cannot read the messages of {path}: {type(exc).__name__}: {exc} (is it truncated or corrupted?)") from exc
     return contents
 
-
-def _select(poses: list[np.ndarray], options: BagSourceOptions) -> list[int]:
-    """Indices of the posed images to keep: motion filter first, then an even sample."""
-    keep = list(range(len(poses)))
+def _select(count: int, poses: list[np.ndarray] | None, options: BagSourceOptions) -> list[int]:
+    """Indices of the ``count`` candidate images to keep: motion filter first (needs their
+    poses), then an even sample."""
+    keep = list(range(count))
     if options.min_motion_m is not None or options.min_rotation_deg is not None:
+        assert poses is not None, "validate() rejects the motion filter without poses"
         min_m = options.min_motion_m if options.min_motion_m is not None else math.inf
         min_deg = options.min_rotation_deg if options.min_rotation_deg is not None else math.inf
         moved: list[int] = []
@@ -338,18 +390,227 @@ def _select(poses: list[np.ndarray], options: BagSourceOptions) -> list[int]:
     return keep
 
 
-def load_bag(path: str | Path, options: BagSourceOptions, out_dir: str | Path) -> FrameSet:
-    """Posed frames from a bag; images written to ``out_dir/images``, the set to ``out_dir/frames.json``."""
+def _pose_inputs(topics: dict[str, Any], options: BagSourceOptions) -> tuple[str | None, list[str]]:
+    """(pose topic, TF topics) the pose source reads; neither for sfm."""
+    if options.pose_source == "sfm":
+        return None, []
+    if options.pose_source == "topic":
+        pose_topic = _pick_topic(topics, options.pose_topic, POSE_TYPES, "pose", "--pose-topic")
+        if pose_topic is None:
+            raise BagSourceError(
+                f"the bag has no pose topic ({', '.join(POSE_TYPES)}); give one with --pose-topic, use --pose-source tf, "
+                f"or --pose-source sfm for poses from the images. Topics in the bag:\n{_describe_topics(topics)}"
+            )
+        return pose_topic, []
+    tf_topics = sorted(name for name, info in topics.items() if info.msgtype == TF_TYPE)
+    if not tf_topics:
+        raise BagSourceError(
+            "--pose-source tf needs /tf and /tf_static (tf2_msgs/TFMessage), which the bag does not have; "
+            "use --pose-source topic --pose-topic T if poses are on a topic, or --pose-source sfm for poses from the images. "
+            f"Topics in the bag:\n{_describe_topics(topics)}"
+        )
+    return None, tf_topics
+
+
+def _order_by_stamp(images: list[_ImageRecord]) -> tuple[list[_ImageRecord], int, int]:
+    """(images by header stamp without repeated stamps, how many were out of order, how many repeated)."""
+    # Recorders write in arrival order; frames are ordered by capture (header) time.
+    stamps = [r.stamp_ns for r in images]
+    out_of_order = sum(1 for a, b in zip(stamps[:-1], stamps[1:]) if b < a)
+    unique: list[_ImageRecord] = []
+    for r in sorted(images, key=lambda r: (r.stamp_ns, r.ordinal)):
+        if unique and unique[-1].stamp_ns == r.stamp_ns:
+            continue  # a duplicated stamp is the same capture twice
+        unique.append(r)
+    return unique, out_of_order, len(images) - len(unique)
+
+
+@dataclass
+class _PosedImages:
+    posed: list[tuple[_ImageRecord, np.ndarray]]
+    skipped: int
+    pose_frame: str
+    camera_frame: str | None
+
+
+def _poses_from_bag(contents: _BagContents, unique: list[_ImageRecord], options: BagSourceOptions, path: Path,
+                    image_topic: str, pose_topic: str | None) -> _PosedImages:
+    """Each image's camera pose from the bag's TF or pose topic, interpolated to its stamp;
+    images without pose samples close enough on both sides are skipped."""
+    pose_to_cam = pose_to_camera_matrix(options.pose_to_camera) if options.pose_to_camera is not None else np.eye(4)
+    tolerance_ns = int(round(options.pose_tolerance_s * 1e9))
+    if options.pose_source == "tf":
+        camera_frame = (options.camera_frame or unique[0].frame_id).lstrip("/")
+        if not camera_frame:
+            raise BagSourceError(f"the images on {image_topic} have an empty header.frame_id; give the camera frame with --camera-frame")
+        target, source = options.map_frame.lstrip("/"), camera_frame
+        pose_frame = target
+    else:
+        target, source = "__pose_parent__", "__pose_body__"
+        if contents.pose_count == 0:
+            raise BagSourceError(f"pose topic {pose_topic} has no messages in {path}")
+        pose_frame = ",".join(sorted(contents.pose_frames))
+        camera_frame = None
+    posed: list[tuple[_ImageRecord, np.ndarray]] = []
+    gap_examples: list[str] = []
+    for r in unique:
+        try:
+            T = contents.tf.lookup(target, source, r.stamp_ns, tolerance_ns)
+        except TransformLookupError as exc:
+            if exc.kind != "out_of_range":
+                raise BagSourceError(f"cannot compute camera poses from the bag's TF data: {exc}") from exc
+            if len(gap_examples) < 3:
+                gap_examples.append(str(exc))
+            continue
+        posed.append((r, T @ pose_to_cam))
+    if not posed:
+        raise BagSourceError(
+            f"none of the {len(unique)} images has a pose within {options.pose_tolerance_s} s "
+            f"(pose source {options.pose_source}); e.g. {gap_examples[0] if gap_examples else ''}"
+        )
+    return _PosedImages(posed, len(unique) - len(posed), pose_frame, camera_frame)
+
+
+def _decode_selected(reader: Any, path: Path, image_topic: str, info_topic: str | None, contents: _BagContents,
+                     options: BagSourceOptions, selected: list[tuple[_ImageRecord, np.ndarray]], images_dir: Path) -> list[Frame]:
+    """Second pass over the image topic: decode the selected images, write them as PNG and
+    make their frames (in the order of ``selected``)."""
     import cv2
 
+    by_ordinal = {record.ordinal: (record, T) for record, T in selected}
+    images_dir.mkdir(parents=True, exist_ok=True)
+    mono16 = _Mono16Scaler()
+    camera: CameraIntrinsics | None = None
+    frames_by_ordinal: dict[int, Frame] = {}
+    ordinal = -1
+    try:
+        for connection, _, raw in reader.messages(connections=reader.topics[image_topic].connections):
+            ordinal += 1
+            if ordinal not in by_ordinal:
+                continue
+            record, T_world_cam = by_ordinal[ordinal]
+            msg = reader.deserialize(raw, connection.msgtype)
+            try:
+                if connection.msgtype == IMAGE_TYPES[0]:
+                    image = image_msg_to_numpy(msg, backend="numpy")
+                else:
+                    image = compressed_msg_to_numpy(msg)
+            except ImageConversionError as exc:
+                raise BagSourceError(f"image {ordinal} on {image_topic} (stamp {record.stamp_ns} ns): {exc}") from exc
+            if image.dtype == np.uint16:
+                image = mono16(image)
+            h, w = image.shape[:2]
+            if camera is None:
+                camera = _make_camera(contents.camera_fields, options.intrinsics, w, h, info_topic)
+            if (w, h) != (camera.width, camera.height):
+                raise BagSourceError(
+                    f"image {ordinal} on {image_topic} is {w}x{h} but the camera is calibrated for "
+                    f"{camera.width}x{camera.height}; check --camera-info-topic or {INTRINSICS_HINT}"
+                )
+            name = frame_name(record.ordinal)
+            out_path = images_dir / f"{name}.png"
+            tmp_path = images_dir / f"{name}.tmp.png"
+            bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+            if not cv2.imwrite(str(tmp_path), bgr):
+                raise BagSourceError(f"cannot write {tmp_path} (disk full or no permission?)")
+            os.replace(tmp_path, out_path)
+            frames_by_ordinal[ordinal] = Frame(name=name, image_path=out_path, T_world_cam=T_world_cam,
+                                               camera=camera, stamp_ns=record.stamp_ns)
+    except BagSourceError:
+        raise
+    except Exception as exc:
+        raise BagSourceError(f"cannot read the images of {path}: {type(exc).__name__}: {exc} (is it truncated or corrupted?)") from exc
+    if len(frames_by_ordinal) != len(by_ordinal):
+        missing = len(by_ordinal) - len(frames_by_ordinal)
+        raise BagSourceError(f"{missing} selected images could not be read back from {path} (is it truncated or corrupted?)")
+    # Frames in the given order; the camera decided on the first decoded image holds for all.
+    frames = [frames_by_ordinal[record.ordinal] for record, _ in selected]
+    for f in frames:
+        f.camera = camera  # type: ignore[assignment]
+    return frames
+
+
+def frame_name(image_index: int) -> str:
+    """The frame name of the image_index-th message (0-based) on the image topic."""
+    return f"frame-{image_index:06d}"
+
+
+@dataclass
+class _SfmPoses:
+    frames: list[Frame]
+    summary: dict[str, Any]
+    warnings: list[str]
+
+
+def _pose_by_sfm(frames: list[Frame], options: BagSourceOptions, work_dir: Path) -> _SfmPoses:
+    """Poses of the selected frames by structure-from-motion, scaled as the options say;
+    unregistered frames are dropped (and counted)."""
+    from offline.sfm import SfmError, known_distance_scale, reconstruct_poses, scale_poses
+
+    index = {f.name: i for i, f in enumerate(frames)}
+    known = parse_known_distance(options.known_distance) if options.known_distance is not None else None
+    for image in known[:2] if known else ():  # before the SfM run: a wrong index should not cost one
+        if frame_name(image) not in index:
+            raise BagSourceError(
+                f"--known-distance names image {image} ({frame_name(image)}), which is not among the selected frames "
+                f"({', '.join(f.name for f in frames[:8])}{', ...' if len(frames) > 8 else ''}); "
+                "pick two selected frames or change --every/--fraction"
+            )
+    try:
+        result = reconstruct_poses([f.image_path for f in frames], frames[0].camera, work_dir, options.sfm)
+    except SfmError as exc:
+        raise BagSourceError(f"--pose-source sfm: {exc}") from exc
+    warnings: list[str] = []
+    if result.unregistered:
+        names = [frames[i].name for i in result.unregistered]
+        warnings.append(
+            f"{len(names)} of {len(frames)} selected image(s) could not be registered by SfM and were skipped "
+            f"(e.g. {', '.join(names[:5])})"
+        )
+    if known is not None:
+        a, b, distance = known
+        for image in (a, b):
+            if result.poses[index[frame_name(image)]] is None:
+                raise BagSourceError(
+                    f"--known-distance names image {image} ({frame_name(image)}), which SfM could not register; "
+                    "pick another frame"
+                )
+        try:
+            factor = known_distance_scale(result.poses[index[frame_name(a)]], result.poses[index[frame_name(b)]], distance)
+        except SfmError as exc:
+            raise BagSourceError(f"--known-distance {a},{b},{distance}: {exc}") from exc
+        scale = {"kind": "known_distance", "metres_per_unit": factor,
+                 "note": f"metric: the camera centres of {frame_name(a)} and {frame_name(b)} are {distance} m apart"}
+    elif options.scale is not None:
+        factor = float(options.scale)
+        scale = {"kind": "given", "metres_per_unit": factor, "note": f"metric if --scale {factor} is right"}
+    else:
+        factor = 1.0
+        scale = {"kind": "arbitrary", "metres_per_unit": None,
+                 "note": "ARBITRARY: SfM without --scale or --known-distance; 1 unit = the trajectory's RMS spread, not a metre"}
+        warnings.append(
+            "the map's scale is arbitrary (structure-from-motion without --scale or --known-distance): distances are in "
+            "units of the trajectory's RMS spread, not metres, so metric thresholds and errors downstream mean nothing"
+        )
+    poses = scale_poses(result.poses, factor)
+    kept: list[Frame] = []
+    for frame, T in zip(frames, poses):
+        if T is not None:
+            frame.T_world_cam = T
+            frame.camera = result.camera
+            kept.append(frame)
+    summary = {**result.summary(), "scale": scale,
+               "world_frame": f"camera of {kept[0].name} (the first registered frame), OpenCV axes"}
+    return _SfmPoses(kept, summary, warnings)
+
+
+def load_bag(path: str | Path, options: BagSourceOptions, out_dir: str | Path) -> FrameSet:
+    """Posed frames from a bag; images written to ``out_dir/images``, the set to ``out_dir/frames.json``
+    (pose source sfm: the COLMAP work in ``out_dir/sfm``)."""
     path = Path(path)
     out_dir = Path(out_dir)
     options.validate()
-    if options.pose_source == "sfm":
-        raise NotImplementedError(
-            "--pose-source sfm (poses by structure-from-motion for bags without poses) is not available yet; "
-            "use --pose-source tf or --pose-source topic"
-        )
+    sfm = options.pose_source == "sfm"
     reader = _open_reader(path)
     try:
         topics = reader.topics
@@ -365,141 +626,51 @@ def load_bag(path: str | Path, options: BagSourceOptions, out_dir: str | Path) -
                     f"the bag has no sensor_msgs/CameraInfo topic for {image_topic}; {INTRINSICS_HINT}. "
                     f"Topics in the bag:\n{_describe_topics(topics)}"
                 )
-        pose_topic = None
-        tf_topics: list[str] = []
-        if options.pose_source == "topic":
-            pose_topic = _pick_topic(topics, options.pose_topic, POSE_TYPES, "pose", "--pose-topic")
-            if pose_topic is None:
-                raise BagSourceError(
-                    f"the bag has no pose topic ({', '.join(POSE_TYPES)}); give one with --pose-topic or use --pose-source tf. "
-                    f"Topics in the bag:\n{_describe_topics(topics)}"
-                )
-        else:
-            tf_topics = sorted(name for name, info in topics.items() if info.msgtype == TF_TYPE)
-            if not tf_topics:
-                raise BagSourceError(
-                    "--pose-source tf needs /tf and /tf_static (tf2_msgs/TFMessage), which the bag does not have; "
-                    f"use --pose-source topic --pose-topic T if poses are on a topic. Topics in the bag:\n{_describe_topics(topics)}"
-                )
+        pose_topic, tf_topics = _pose_inputs(topics, options)
 
         contents = _read_metadata_pass(reader, path, image_topic, info_topic, pose_topic, tf_topics, options)
         if not contents.images:
             raise BagSourceError(f"image topic {image_topic} has no messages in {path}")
         if options.intrinsics is None and contents.camera_fields is None:
             raise BagSourceError(f"CameraInfo topic {info_topic} has no messages; {INTRINSICS_HINT}")
+        unique, out_of_order, duplicates = _order_by_stamp(contents.images)
 
-        # Recorders write in arrival order; frames are ordered by capture (header) time.
-        stamps = [r.stamp_ns for r in contents.images]
-        out_of_order = sum(1 for a, b in zip(stamps[:-1], stamps[1:]) if b < a)
-        records = sorted(contents.images, key=lambda r: (r.stamp_ns, r.ordinal))
-        unique: list[_ImageRecord] = []
-        for r in records:
-            if unique and unique[-1].stamp_ns == r.stamp_ns:
-                continue  # a duplicated stamp is the same capture twice
-            unique.append(r)
-        duplicates = len(records) - len(unique)
-
-        pose_to_cam = pose_to_camera_matrix(options.pose_to_camera) if options.pose_to_camera is not None else np.eye(4)
-        tolerance_ns = int(round(options.pose_tolerance_s * 1e9))
-        if options.pose_source == "tf":
-            camera_frame = (options.camera_frame or unique[0].frame_id).lstrip("/")
-            if not camera_frame:
-                raise BagSourceError(f"the images on {image_topic} have an empty header.frame_id; give the camera frame with --camera-frame")
-            target, source = options.map_frame.lstrip("/"), camera_frame
-            pose_frame = target
+        if sfm:  # every image is a candidate; SfM poses the selected ones below
+            candidates = _PosedImages([(r, np.full((4, 4), np.nan)) for r in unique], 0, "", None)
         else:
-            target, source = "__pose_parent__", "__pose_body__"
-            if contents.pose_count == 0:
-                raise BagSourceError(f"pose topic {pose_topic} has no messages in {path}")
-            pose_frame = ",".join(sorted(contents.pose_frames))
-            camera_frame = None
-        posed: list[tuple[_ImageRecord, np.ndarray]] = []
-        gap_examples: list[str] = []
-        for r in unique:
-            try:
-                T = contents.tf.lookup(target, source, r.stamp_ns, tolerance_ns)
-            except TransformLookupError as exc:
-                if exc.kind != "out_of_range":
-                    raise BagSourceError(f"cannot compute camera poses from the bag's TF data: {exc}") from exc
-                if len(gap_examples) < 3:
-                    gap_examples.append(str(exc))
-                continue
-            posed.append((r, T @ pose_to_cam))
-        skipped_no_pose = len(unique) - len(posed)
-        if not posed:
-            raise BagSourceError(
-                f"none of the {len(unique)} images has a pose within {options.pose_tolerance_s} s "
-                f"(pose source {options.pose_source}); e.g. {gap_examples[0] if gap_examples else ''}"
-            )
-        chosen = _select([T for _, T in posed], options)
+            candidates = _poses_from_bag(contents, unique, options, path, image_topic, pose_topic)
+        chosen = _select(len(candidates.posed), None if sfm else [T for _, T in candidates.posed], options)
         if not chosen:
-            raise BagSourceError(f"the frame selection is empty: {len(posed)} posed images, none kept by the selection options")
-
-        # Second pass: decode and write only the selected images.
-        selected = {posed[i][0].ordinal: posed[i] for i in chosen}
-        images_dir = out_dir / "images"
-        images_dir.mkdir(parents=True, exist_ok=True)
-        mono16 = _Mono16Scaler()
-        camera: CameraIntrinsics | None = None
-        frames_by_ordinal: dict[int, Frame] = {}
-        ordinal = -1
-        try:
-            for connection, _, raw in reader.messages(connections=topics[image_topic].connections):
-                ordinal += 1
-                if ordinal not in selected:
-                    continue
-                record, T_world_cam = selected[ordinal]
-                msg = reader.deserialize(raw, connection.msgtype)
-                try:
-                    if connection.msgtype == IMAGE_TYPES[0]:
-                        image = image_msg_to_numpy(msg, backend="numpy")
-                    else:
-                        image = compressed_msg_to_numpy(msg)
-                except ImageConversionError as exc:
-                    raise BagSourceError(f"image {ordinal} on {image_topic} (stamp {record.stamp_ns} ns): {exc}") from exc
-                if image.dtype == np.uint16:
-                    image = mono16(image)
-                h, w = image.shape[:2]
-                if camera is None:
-                    camera = _make_camera(contents.camera_fields, options.intrinsics, w, h, info_topic)
-                if (w, h) != (camera.width, camera.height):
-                    raise BagSourceError(
-                        f"image {ordinal} on {image_topic} is {w}x{h} but the camera is calibrated for "
-                        f"{camera.width}x{camera.height}; check --camera-info-topic or {INTRINSICS_HINT}"
-                    )
-                name = f"frame-{record.ordinal:06d}"
-                out_path = images_dir / f"{name}.png"
-                tmp_path = images_dir / f"{name}.tmp.png"
-                bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-                if not cv2.imwrite(str(tmp_path), bgr):
-                    raise BagSourceError(f"cannot write {tmp_path} (disk full or no permission?)")
-                os.replace(tmp_path, out_path)
-                frames_by_ordinal[ordinal] = Frame(name=name, image_path=out_path, T_world_cam=T_world_cam,
-                                                   camera=camera, stamp_ns=record.stamp_ns)
-        except BagSourceError:
-            raise
-        except Exception as exc:
-            raise BagSourceError(f"cannot read the images of {path}: {type(exc).__name__}: {exc} (is it truncated or corrupted?)") from exc
+            raise BagSourceError(f"the frame selection is empty: {len(candidates.posed)} candidate images, none kept by the selection options")
+        frames = _decode_selected(reader, path, image_topic, info_topic, contents, options,
+                                  [candidates.posed[i] for i in chosen], out_dir / "images")
     finally:
         reader.close()
-
-    if len(frames_by_ordinal) != len(selected):
-        missing = len(selected) - len(frames_by_ordinal)
-        raise BagSourceError(f"{missing} selected images could not be read back from {path} (is it truncated or corrupted?)")
-    # Frames in stamp order; the camera decided on the first decoded image holds for all.
-    frames = [frames_by_ordinal[posed[i][0].ordinal] for i in chosen]
-    for f in frames:
-        f.camera = camera  # type: ignore[assignment]
 
     warnings: list[str] = []
     if out_of_order:
         warnings.append(f"{out_of_order} image(s) were recorded out of stamp order; frames are sorted by header stamp")
     if duplicates:
         warnings.append(f"{duplicates} image(s) repeated an earlier stamp and were dropped")
-    if skipped_no_pose:
-        warnings.append(f"{skipped_no_pose} image(s) had no pose within {options.pose_tolerance_s} s and were skipped")
+    if candidates.skipped:
+        warnings.append(f"{candidates.skipped} image(s) had no pose within {options.pose_tolerance_s} s and were skipped")
     if contents.zero_stamp_images:
         warnings.append(f"{contents.zero_stamp_images} image(s) had no header stamp; their recording time was used")
+    counts = {
+        "images": len(contents.images),
+        "out_of_order": out_of_order,
+        "duplicate_stamps": duplicates,
+        "skipped_no_pose": candidates.skipped,
+        "posed": len(candidates.posed),
+        "selected": len(frames),
+    }
+    sfm_summary = None
+    if sfm:
+        selected = len(frames)
+        posed_by_sfm = _pose_by_sfm(frames, options, out_dir / "sfm")
+        frames, sfm_summary = posed_by_sfm.frames, posed_by_sfm.summary
+        warnings.extend(posed_by_sfm.warnings)
+        counts.update(posed=len(frames), selected=selected, skipped_unregistered=selected - len(frames))
     for w in warnings:
         log.warning("%s: %s", path.name, w)
     metadata = {
@@ -513,20 +684,15 @@ def load_bag(path: str | Path, options: BagSourceOptions, out_dir: str | Path) -
         "pose_source": options.pose_source,
         "pose_topic": pose_topic,
         "tf_topics": tf_topics,
-        "map_frame": pose_frame,
-        "camera_frame": camera_frame,
+        "map_frame": "sfm" if sfm else candidates.pose_frame,
+        "camera_frame": candidates.camera_frame,
         "pose_tolerance_s": options.pose_tolerance_s,
-        "counts": {
-            "images": len(contents.images),
-            "out_of_order": out_of_order,
-            "duplicate_stamps": duplicates,
-            "skipped_no_pose": skipped_no_pose,
-            "posed": len(posed),
-            "selected": len(frames),
-        },
+        "counts": counts,
         "warnings": warnings,
     }
+    if sfm_summary is not None:
+        metadata["sfm"] = sfm_summary
     frameset = FrameSet(frames, metadata)
     frameset.save(out_dir / "frames.json")
-    log.info("%s: %d images, %d posed, %d selected", path.name, len(contents.images), len(posed), len(frames))
+    log.info("%s: %d images, %d posed, %d in the frame set", path.name, len(contents.images), counts["posed"], len(frames))
     return frameset
