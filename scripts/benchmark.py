@@ -221,14 +221,26 @@ def bench_ablation(args) -> None:
             (runs / f"{tag}_summary.json").write_text(json.dumps(out, indent=1))
         return out
 
-    jobs = max(1, min(args.jobs, len(args.fractions)))
-    if jobs > 1:
-        # Two builds side by side on a 2-core machine: one torch thread each, no oversubscription.
-        os.environ["OMP_NUM_THREADS"] = "1"
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(jobs) as pool:
-        summaries = list(pool.map(one_fraction, args.fractions))
-    wall_min = (time.perf_counter() - t0) / 60
+    if args.report_only:
+        # Write the section from the per-fraction summaries an earlier (maybe unfinished) run left.
+        summaries = []
+        for fraction in args.fractions:
+            path = runs / f"f{fraction}_summary.json"
+            if path.exists():
+                summaries.append(json.loads(path.read_text()))
+        if not summaries:
+            sys.exit(f"no ablation summaries in {runs}: run the ablation first")
+        wall_min = None
+    else:
+        jobs = max(1, min(args.jobs, len(args.fractions)))
+        if jobs > 1:
+            # Two builds side by side on a 2-core machine: one torch thread each, no oversubscription.
+            os.environ["OMP_NUM_THREADS"] = "1"
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(jobs) as pool:
+            summaries = list(pool.map(one_fraction, args.fractions))
+        wall_min = (time.perf_counter() - t0) / 60
+    missing = [f"{s['fraction']}: {v}" for s in summaries for v in variants if v not in s["variants"]]
 
     date = datetime.date.today().isoformat()
     command = (f".venv/bin/python scripts/benchmark.py ablation --fractions {' '.join(map(str, args.fractions))} "
@@ -237,14 +249,21 @@ def bench_ablation(args) -> None:
     lines = [
         "## NeRF descriptor synthesis ablation (RedKitchen, sparse mapping)",
         "",
-        f"- Command: `{command}` ({wall_min:.0f} min wall for everything below)",
-        f"- Machine: {machine()}; date {date}; 1-minute load average during the run "
-        f"{min(LOAD_SAMPLES):.1f} to {max(LOAD_SAMPLES):.1f}",
+        f"- Command: `{command}` "
+        + (f"({wall_min:.0f} min wall for everything below)" if wall_min is not None else
+           "(section written with `--report-only` from the run's saved summaries)"),
+        f"- Machine: {machine()}; date {date}"
+        + (f"; 1-minute load average during the run {min(LOAD_SAMPLES):.1f} to {max(LOAD_SAMPLES):.1f}" if LOAD_SAMPLES
+           else "; other jobs shared the CPU during the run (the times are noisy)"),
         f"- Every variant: `d2s-nerf build --profile fast --extractor {args.extractor} --train-iterations "
         f"{args.train_iterations} --seed {args.seed}` on the same mapping frames, one shared work directory per "
         "fraction (features, labels, augmentation, NeRF and renders computed once); `none` is `--no-synthesis`, the "
         "others `--synthetic-labels MODE`. Queries: every "
         f"{args.query_every}th frame not used for mapping; a failed query counts as an infinite error.",
+    ]
+    if missing:
+        lines.append(f"- **Not finished in this run** (fraction: variant): {', '.join(missing)}")
+    lines += [
         "",
         "| mapping frames | synthesis labels | median t | median R | 5 cm / 5° | 10 cm / 10° | Δ median t vs none "
         "| renders made / kept | synthetic labelled keypoints |",
@@ -940,6 +959,8 @@ def main() -> None:
     a.add_argument("--query-every", type=int, default=12)
     a.add_argument("--psnr-frames", type=int, default=8)
     a.add_argument("--jobs", type=int, default=2, help="fractions built side by side")
+    a.add_argument("--report-only", action="store_true",
+                   help="write the section from the summaries a previous run saved in --runs")
     a.set_defaults(func=bench_ablation)
     add_node_benchmark_parsers(sub)
     args = p.parse_args()
