@@ -135,6 +135,9 @@ def bench_core(args) -> None:
         results[method] = json.loads((out / "results.json").read_text())
     manifest = json.loads((map_dir / "manifest.json").read_text())
     timings = manifest.get("metrics", {}).get("timings_s", {})
+    cached = sorted(k for k, v in manifest.get("metrics", {}).get("cached", {}).items() if v)
+    cached_note = (f" in this run: {', '.join(cached)} came from the work directory's cache, so the stage times "
+                   "below are those of the run that computed them" if cached else "")
     date = datetime.date.today().isoformat()
     shown_build = ["d2s-nerf" if c in (sys.executable, "-m", "offline.cli") else c for c in build_cmd]
     shown_build = [c for i, c in enumerate(shown_build) if not (c == "d2s-nerf" and i > 0 and shown_build[i - 1] == "d2s-nerf")]
@@ -144,7 +147,7 @@ def bench_core(args) -> None:
   (build: `{shlex.join(shown_build)}`)
 - Machine: {machine()}; date {date}; 1-minute load average during the run {min(LOAD_SAMPLES):.1f} to {max(LOAD_SAMPLES):.1f} (other jobs share the CPU, so the times are noisy)
 - Mapping frames: {len(manifest['frames'])}; labelled keypoints: {manifest['training']['n_labelled_keypoints']}; augmented images: {manifest['training']['n_augmented_images']}
-- Build wall time: {build_s / 60:.1f} min (stages: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; training {manifest['training']['config']['iterations']} iterations)
+- Build wall time: {build_s / 60:.1f} min{cached_note} (stages: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; training {manifest['training']['config']['iterations']} iterations)
 - Queries: every {args.query_every}th frame not used for mapping ({results['d2s']['n_queries']} frames); a failed query counts as an infinite error.
   Latency is the whole localisation on this CPU (feature extraction dominates; the baseline also matches against 3 retrieved mapping frames).
 
@@ -201,10 +204,16 @@ def bench_ablation(args) -> None:
                                 "--fraction", str(fraction), "--profile", "fast", "--extractor", args.extractor,
                                 "--train-iterations", str(args.train_iterations), "--seed", str(args.seed), "--quiet"]
             cmd += ["--no-synthesis"] if variant == "none" else ["--synthetic-labels", variant]
+            if args.synthesis_max_poses:
+                cmd += ["--synthesis-max-poses", str(args.synthesis_max_poses)]
             build_s = run(cmd, log)
             eval_dir = runs / f"{tag}_{variant}_eval"
-            run(d2s_nerf() + ["evaluate", str(map_dir), args.data, "--out", str(eval_dir), "--every",
-                              str(args.query_every), "--method", "d2s", "--quiet"], log)
+            results_path = eval_dir / "results.json"
+            fresh = (results_path.exists() and results_path.stat().st_mtime > (map_dir / "manifest.json").stat().st_mtime
+                     and json.loads(results_path.read_text()).get("n_queries"))
+            if not fresh:  # the evaluation of an unchanged map is reused (a resumed ablation)
+                run(d2s_nerf() + ["evaluate", str(map_dir), args.data, "--out", str(eval_dir), "--every",
+                                  str(args.query_every), "--method", "d2s", "--quiet"], log)
             manifest = json.loads((map_dir / "manifest.json").read_text())
             entry = {"build_s": build_s, "results": json.loads((eval_dir / "results.json").read_text()),
                      "timings_s": manifest.get("metrics", {}).get("timings_s", {}),
@@ -245,7 +254,8 @@ def bench_ablation(args) -> None:
     date = datetime.date.today().isoformat()
     command = (f".venv/bin/python scripts/benchmark.py ablation --fractions {' '.join(map(str, args.fractions))} "
                f"--variants {' '.join(variants)} --train-iterations {args.train_iterations} --query-every {args.query_every}"
-               f" --jobs {args.jobs}")
+               f" --jobs {args.jobs}"
+               + (f" --synthesis-max-poses {args.synthesis_max_poses}" if args.synthesis_max_poses else ""))
     lines = [
         "## NeRF descriptor synthesis ablation (RedKitchen, sparse mapping)",
         "",
@@ -959,6 +969,8 @@ def main() -> None:
     a.add_argument("--query-every", type=int, default=12)
     a.add_argument("--psnr-frames", type=int, default=8)
     a.add_argument("--jobs", type=int, default=2, help="fractions built side by side")
+    a.add_argument("--synthesis-max-poses", type=int,
+                   help="render at most this many novel views per fraction (default: the fast profile's)")
     a.add_argument("--report-only", action="store_true",
                    help="write the section from the summaries a previous run saved in --runs")
     a.set_defaults(func=bench_ablation)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -321,6 +322,20 @@ def test_synthesis_stage_end_to_end_with_exact_renders(tmp_path, sift_and_mnn, m
     assert [d["n_matches"] for d in fourth.stats["decisions"]] == [d["n_matches"] for d in stats["decisions"]]
     assert fourth.stats["keep_threshold"] == 26
     assert fourth.stats["n_kept"] == sum(d["n_matches"] >= 26 for d in stats["decisions"]) >= stats["n_kept"]
+
+    # The map report shows the synthesis: kept views on the trajectory, the match histogram with
+    # its threshold, and real/render pairs (the files the stats point at exist).
+    from offline.report import write_report
+
+    assert len(stats["kept_positions"]) == stats["n_kept"] and 1 <= len(stats["samples"]) <= 3
+    for sample in stats["samples"]:
+        assert Path(sample["reference_image"]).is_file() and Path(sample["render_image"]).is_file()
+    map_dir = tmp_path / "map"
+    map_dir.mkdir()
+    (map_dir / "manifest.json").write_text(json.dumps({"extractor": extractor.config(), "training": {}}))
+    page = write_report(map_dir, tmp_path / "report.html", frames, list(real.values()), [], stats).read_text()
+    for title in ("Trajectory", "Synthetic views", "Real vs rendered"):
+        assert f"<h2>{title}</h2>" in page
 
 
 def test_synthesis_rejects_frames_without_labels(tmp_path, sift_and_mnn):

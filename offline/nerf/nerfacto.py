@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +39,13 @@ import torch
 from d2s_nerf_ros.camera import CameraIntrinsics
 from d2s_nerf_ros.device import resolve_device
 from offline.sources.frames import Frame
+
+# nerfstudio 1.1.5 predates torch 2.14: its deprecation warnings (amp decorators, jit.script,
+# list indexing) say nothing a map builder can act on and bury the progress lines.
+for _message in (r"`torch\.cuda\.amp\.custom_(fwd|bwd)", r"`torch\.jit\.script` is deprecated",
+                 r"Using a non-tuple sequence for multidimensional indexing"):
+    warnings.filterwarnings("ignore", message=_message, category=FutureWarning)
+    warnings.filterwarnings("ignore", message=_message, category=UserWarning)
 
 PROFILES = ("fast", "paper")
 STATE_FILE = "nerf_state.json"
@@ -589,7 +597,7 @@ def _train(frames: list[Frame], config: NerfactoConfig, work_dir: Path, log: Cal
             losses = model.get_loss_dict(outputs, batch, metrics)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
-                raise RuntimeError(f"nerfacto loss became {float(loss)} at iteration {step}")
+                raise RuntimeError(f"nerfacto loss became {float(loss.detach())} at iteration {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -607,7 +615,7 @@ def _train(frames: list[Frame], config: NerfactoConfig, work_dir: Path, log: Cal
                 t_last, it_last = now, done
                 psnr = float(np.mean(recent_psnr))
                 handle.psnr_history.append((done, psnr))
-                log(f"[nerf] {done}/{n_iter}  loss {float(loss):.4f}  train PSNR {psnr:.2f} dB  "
+                log(f"[nerf] {done}/{n_iter}  loss {float(loss.detach()):.4f}  train PSNR {psnr:.2f} dB  "
                     f"{per_it:.3f} s/it  ETA {per_it * (n_iter - done) / 60:.1f} min")
             if done % config.checkpoint_every == 0 and done < n_iter:
                 handle.final_train_psnr = float(np.mean(recent_psnr))

@@ -357,6 +357,14 @@ def run_synthesis(
         "n_valid_keypoints": int(sum(im.n_valid for im in images)),
         "renderers": {r.name: sum(e["renderer"] == r.name for e in entries) for r in renderers},
         "decisions": decisions,
+        "match_counts": [int(c) for c in counts],
+        # For the map report: where the kept views are, and a few real/render pairs to look at.
+        "kept_positions": [np.asarray(entries[i]["T_world_cam"], dtype=float)[:3, 3].tolist() for i, *_ in kept],
+        "samples": [{"reference_image": str(by_name[entries[i]["reference"]].image_path),
+                     "render_image": str(render_dir / f"{entries[i]['file']}.png"),
+                     "s": float(entries[i]["s"]), "matches": int(len(m))}
+                    for i, _, _, m in [kept[j] for j in even_indices(len(kept), fraction=min(1.0, 3 / len(kept)))]]
+                   if kept else [],
         "timings_s": timings,
     })
     save_labelled(synthetic_path, images)
