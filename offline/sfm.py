@@ -47,6 +47,7 @@ import numpy as np
 
 from d2s_nerf_ros.camera import CameraIntrinsics
 from d2s_nerf_ros.geometry import invert_pose
+from d2s_nerf_ros.map_bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -204,18 +205,10 @@ def known_distance_scale(T_a: np.ndarray, T_b: np.ndarray, distance_m: float) ->
 
 # --- the reconstruction -----------------------------------------------------------------------
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cache_key(image_paths: Sequence[Path], camera: CameraIntrinsics, config: SfmConfig) -> str:
     doc = {
         "version": RESULT_VERSION,
-        "images": [(p.name, _file_digest(p)) for p in image_paths],
+        "images": [(p.name, sha256_file(p)) for p in image_paths],
         "camera": camera.to_dict(),
         "config": config.cache_fields(),
     }

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2s_nerf_ros.features.base import LocalFeatureExtractor, to_grey
+from d2s_nerf_ros.map_bundle import sha256_file
 
 SUPERPOINT_V1_URL = "https://github.com/magicleap/SuperPointPretrainedNetwork/raw/master/superpoint_v1.pth"
 SUPERPOINT_V1_FILENAME = "superpoint_v1.pth"
@@ -184,12 +185,8 @@ def sample_descriptors(coarse: torch.Tensor, keypoints: torch.Tensor, cell: int 
 
 # -- weights ------------------------------------------------------------------------------
 
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# One checksum helper for weights and map files.
+sha256_of_file = sha256_file
 
 
 def default_cache_dir() -> Path:
