@@ -54,8 +54,8 @@ def run_demo(work: Path, quick: bool = False) -> int:
 
     config = profile_config("fast")
     config.synthesis = not quick
-    # Budgets for "under 15 minutes on 2 CPU cores" (docs/BENCHMARKS.md has the measured run);
-    # the fast profile's own budgets are sized for real 640x480 scenes.
+    # Budgets aimed at "under 15 minutes on 2 CPU cores" (a trial while other jobs shared the CPU took
+    # 18 min, README "Status"); the fast profile's own budgets are sized for real 640x480 scenes.
     config.train_iterations = 1000 if quick else 3000
     # 512 of each image's keypoints per training step: attention cost is quadratic in the count,
     # and twice the iterations at half the keypoints trained this scene further in the same minutes.
@@ -88,7 +88,7 @@ def run_demo(work: Path, quick: bool = False) -> int:
     print(f"[demo] finished in {minutes:.1f} min; map report: {map_dir / 'report.html'}")
     # A pipeline check, not an accuracy claim: the node must answer (nearly) every frame and the
     # median error must be room-scale sane. D2S reaches ~0.3 m on this generated room in the demo's
-    # CPU budget (docs/BENCHMARKS.md); RedKitchen is the accuracy benchmark.
+    # CPU budget (README "Status"); RedKitchen is the accuracy benchmark (docs/BENCHMARKS.md).
     n_sent = result.get("n_sent", 0)
     median_t = result.get("median_translation_m")
     ok = (n_sent > 0 and result.get("n_poses", 0) >= 0.8 * n_sent
