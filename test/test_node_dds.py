@@ -873,7 +873,7 @@ def test_held_out_frames_localize_through_the_node(tmp_path: Path, built_redkitc
     print(json.dumps({k: v for k, v in result.items() if k != "frames"}, indent=1))
     assert rc == 0
     assert result["n_sent"] == len(queries) and result["n_received_by_node"] == len(queries)
-    # Thresholds for the fast CPU map (README: a plain D2S on 20 frames reaches ~30-40 cm);
-    # tighten them when the build profile improves.
-    assert result["n_poses"] >= len(queries) // 2, result
-    assert result["median_translation_m"] < 0.5 and result["median_rotation_deg"] < 10.0
+    # The fast CPU map reaches 9.0 cm / 2.2 degrees median on 40 such queries (docs/BENCHMARKS.md,
+    # core); 10 queries are noisier, so the bounds leave room for that, not for a regression.
+    assert result["n_poses"] >= len(queries) * 8 // 10, result
+    assert result["median_translation_m"] < 0.25 and result["median_rotation_deg"] < 8.0, result
