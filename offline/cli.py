@@ -123,6 +123,10 @@ def cmd_build(args) -> int:
         config.synthesis_keep_fraction = args.synthesis_keep_fraction
     if args.synthesis_max_poses is not None:
         config.synthesis_max_poses = args.synthesis_max_poses
+    if args.synthetic_ratio is not None:
+        if not 0.0 <= args.synthetic_ratio <= 1.0:
+            raise ValueError(f"--synthetic-ratio must be in [0, 1], got {args.synthetic_ratio}")
+        config.synthetic_ratio = args.synthetic_ratio
     config.validate()
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
@@ -233,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a render with at least this fraction of --max-keypoints LightGlue matches to its "
                         "reference frame (fast 0.06, paper 0.12)")
     b.add_argument("--synthesis-max-poses", type=int, help="render at most this many novel views (fast 150)")
+    b.add_argument("--synthetic-ratio", type=float,
+                   help="fraction of each training batch's images drawn from the synthetic views (default 0.5)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"])
     b.add_argument("--seed", type=int)
     b.add_argument("--work-dir", help="stage cache (default: OUT.work); rerun to resume")

@@ -193,13 +193,17 @@ def bench_ablation(args) -> None:
         variants.remove("none")
         variants.insert(0, "none")
 
+    summary_tag = f"_ratio{args.synthetic_ratio}" if args.synthetic_ratio is not None else ""
+
     def one_fraction(fraction: float) -> dict:
         tag = f"f{fraction}"
         work = runs / f"{tag}.work"
         log = runs / f"{tag}.log"
         out: dict = {"fraction": fraction, "variants": {}}
         for variant in variants:
-            map_dir = runs / f"{tag}_{variant}"
+            # Variants with another synthetic ratio get their own map names (same work directory).
+            ratio_tag = f"_ratio{args.synthetic_ratio}" if args.synthetic_ratio is not None and variant != "none" else ""
+            map_dir = runs / f"{tag}_{variant}{ratio_tag}"
             cmd = d2s_nerf() + ["build", args.data, "--out", str(map_dir), "--work-dir", str(work),
                                 "--fraction", str(fraction), "--profile", "fast", "--extractor", args.extractor,
                                 "--train-iterations", str(args.train_iterations), "--seed", str(args.seed), "--quiet"]
@@ -207,7 +211,9 @@ def bench_ablation(args) -> None:
             if args.synthesis_max_poses:
                 cmd += ["--synthesis-max-poses", str(args.synthesis_max_poses)]
             build_s = run(cmd, log)
-            eval_dir = runs / f"{tag}_{variant}_eval"
+            if ratio_tag:
+                cmd += ["--synthetic-ratio", str(args.synthetic_ratio)]
+            eval_dir = runs / f"{tag}_{variant}{ratio_tag}_eval"
             results_path = eval_dir / "results.json"
             fresh = (results_path.exists() and results_path.stat().st_mtime > (map_dir / "manifest.json").stat().st_mtime
                      and json.loads(results_path.read_text()).get("n_queries"))
@@ -227,14 +233,14 @@ def bench_ablation(args) -> None:
                 out["psnr"] = heldout_render_psnr(work, args.data, map_dir, args.query_every, args.psnr_frames, frac)
                 out["psnr"]["render_fraction"] = frac
             out["variants"][variant] = entry
-            (runs / f"{tag}_summary.json").write_text(json.dumps(out, indent=1))
+            (runs / f"{tag}{summary_tag}_summary.json").write_text(json.dumps(out, indent=1))
         return out
 
     if args.report_only:
         # Write the section from the per-fraction summaries an earlier (maybe unfinished) run left.
         summaries = []
         for fraction in args.fractions:
-            path = runs / f"f{fraction}_summary.json"
+            path = runs / f"f{fraction}{summary_tag}_summary.json"
             if path.exists():
                 summaries.append(json.loads(path.read_text()))
         if not summaries:
@@ -255,7 +261,8 @@ def bench_ablation(args) -> None:
     command = (f".venv/bin/python scripts/benchmark.py ablation --fractions {' '.join(map(str, args.fractions))} "
                f"--variants {' '.join(variants)} --train-iterations {args.train_iterations} --query-every {args.query_every}"
                f" --jobs {args.jobs}"
-               + (f" --synthesis-max-poses {args.synthesis_max_poses}" if args.synthesis_max_poses else ""))
+               + (f" --synthesis-max-poses {args.synthesis_max_poses}" if args.synthesis_max_poses else "")
+               + (f" --synthetic-ratio {args.synthetic_ratio}" if args.synthetic_ratio is not None else ""))
     lines = [
         "## NeRF descriptor synthesis ablation (RedKitchen, sparse mapping)",
         "",
@@ -325,8 +332,8 @@ def bench_ablation(args) -> None:
                         lines.append(f"- labels `{variant}`: " + ", ".join(f"{k} {v}" for k, v in lab.items()))
         lines.append("")
     body = "\n".join(lines)
-    write_section(f"ablation-{args.extractor}", body)
-    (runs / "ablation_summary.json").write_text(json.dumps(summaries, indent=1))
+    write_section(f"ablation-{args.extractor}{summary_tag}", body)
+    (runs / f"ablation{summary_tag}_summary.json").write_text(json.dumps(summaries, indent=1))
     print(body)
 
 
@@ -971,6 +978,8 @@ def main() -> None:
     a.add_argument("--jobs", type=int, default=2, help="fractions built side by side")
     a.add_argument("--synthesis-max-poses", type=int,
                    help="render at most this many novel views per fraction (default: the fast profile's)")
+    a.add_argument("--synthetic-ratio", type=float,
+                   help="share of synthetic images per training batch for the synthesis variants (build default 0.5)")
     a.add_argument("--report-only", action="store_true",
                    help="write the section from the summaries a previous run saved in --runs")
     a.set_defaults(func=bench_ablation)

@@ -127,6 +127,17 @@ def test_cli_unknown_source_lists_what_is_accepted(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--synthetic-ratio", "1.5", "--synthetic-ratio must be in [0, 1]"),
+    ("--synthesis-keep-fraction", "-0.1", "synthesis keep fraction must be in [0, 1]"),
+    ("--synthesis-max-poses", "0", "synthesis max poses must be >= 1"),
+])
+def test_cli_rejects_bad_synthesis_options_before_reading_the_source(tmp_path, option, value, message):
+    proc = _cli("build", str(tmp_path / "does-not-exist"), "--out", str(tmp_path / "m"), option, value)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_cli_empty_selection_is_an_error(demo, tmp_path):
     proc = _cli("build", str(demo["root"] / "bag"), "--out", str(tmp_path / "m"), "--fraction", "0.0001",
                 "--no-synthesis", "--extractor", "sift")
