@@ -210,9 +210,9 @@ def bench_ablation(args) -> None:
             cmd += ["--no-synthesis"] if variant == "none" else ["--synthetic-labels", variant]
             if args.synthesis_max_poses:
                 cmd += ["--synthesis-max-poses", str(args.synthesis_max_poses)]
-            build_s = run(cmd, log)
             if ratio_tag:
                 cmd += ["--synthetic-ratio", str(args.synthetic_ratio)]
+            build_s = run(cmd, log)
             eval_dir = runs / f"{tag}_{variant}{ratio_tag}_eval"
             results_path = eval_dir / "results.json"
             fresh = (results_path.exists() and results_path.stat().st_mtime > (map_dir / "manifest.json").stat().st_mtime
