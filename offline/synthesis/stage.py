@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from offline.labelled import LabelledImage, load_labelled, save_labelled
+from offline.stages import fingerprint
 from offline.nerf.nerfacto import NerfactoConfig
 from offline.nerf.renderer import RenderResult, Renderer, choose_renderer
 from offline.sources.frames import Frame, even_indices
@@ -95,27 +96,23 @@ class SynthesisResult:
     stats: dict[str, Any]
 
 
-def _config_key(frames: Sequence[Frame], config: SynthesisConfig, renderer_names: Sequence[str]) -> str:
+def _config_key(frames: Sequence[Frame], config: SynthesisConfig, renderer_names: Sequence[str],
+                ignore: Sequence[str] = ()) -> str:
+    """A key for what ``config`` (minus the fields in ``ignore``) computes from these frames and
+    renderers; the device and thread count change speed, not results, and never count."""
     cfg = dataclasses.asdict(config)
-    cfg.pop("render_device")
-    cfg["nerf"].pop("device")
-    cfg["nerf"].pop("cpu_threads")  # speed, not results
-    doc = {"config": cfg, "renderers": list(renderer_names),
-           "frames": [[f.name, np.round(np.asarray(f.T_world_cam, dtype=np.float64), 9).tolist()] for f in frames]}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _render_key(frames: Sequence[Frame], config: SynthesisConfig, renderer_names: Sequence[str]) -> str:
-    """What the renders depend on: not the filter or the labels, so an ablation over label
-    modes or keep thresholds renders once."""
-    cfg = dataclasses.asdict(config)
-    for unused in ("render_device", "filter", "labels", "extract_at_camera_resolution"):
-        cfg.pop(unused)
+    for name in ("render_device", *ignore):
+        cfg.pop(name)
     cfg["nerf"].pop("device")
     cfg["nerf"].pop("cpu_threads")
     doc = {"config": cfg, "renderers": list(renderer_names),
            "frames": [[f.name, np.round(np.asarray(f.T_world_cam, dtype=np.float64), 9).tolist()] for f in frames]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# What the renders depend on: not the filter or the labels, so an ablation over label modes or
+# keep thresholds renders once.
+RENDER_INDEPENDENT_FIELDS = ("filter", "labels", "extract_at_camera_resolution")
 
 
 def _save_render_features(path: Path, key: str, feats, matches: np.ndarray) -> None:
@@ -239,7 +236,7 @@ def run_synthesis(
     render_dir = work_dir / "renders"
     render_dir.mkdir(exist_ok=True)
     index_path = render_dir / "index.json"
-    render_key = _render_key(frames, config, [r.name for r in renderers])
+    render_key = _config_key(frames, config, [r.name for r in renderers], ignore=RENDER_INDEPENDENT_FIELDS)
     if index_path.exists():
         try:
             old_key = json.loads(index_path.read_text()).get("key")
@@ -284,9 +281,7 @@ def run_synthesis(
     # or label mode reuses them.
     t0 = time.perf_counter()
     threshold = config.filter.threshold(extractor.max_keypoints)
-    features_key = hashlib.sha256(json.dumps(
-        [extractor.config(), matcher.config(), config.extract_at_camera_resolution],
-        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    features_key = fingerprint(extractor.config(), matcher.config(), config.extract_at_camera_resolution)
     ref_features = {name: features_of_labelled(im) for name, im in real_labelled.items()}
     decisions, kept = [], []
     n_extracted = 0
