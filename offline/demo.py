@@ -23,7 +23,8 @@ QUERY_EVERY = 3
 DEMO_MAX_MEDIAN_ERROR_M = 0.5
 
 
-def _ros_env() -> dict[str, str]:
+def ros_loopback_env() -> dict[str, str]:
+    """This process's environment with DDS on loopback and a private domain unless one is set."""
     env = dict(os.environ)
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"  # DDS stays on loopback
     env.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(20, 99)))
@@ -36,7 +37,7 @@ def run_demo(work: Path, quick: bool = False) -> int:
     from offline.replay import replay
     from offline.sources import BagSourceOptions, open_source
 
-    os.environ.update(_ros_env())
+    os.environ.update(ros_loopback_env())
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

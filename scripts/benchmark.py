@@ -344,13 +344,6 @@ SOAK_MAP_FRAMES = 60           # demo-room views the soak map is built from (dep
 SOAK_CYCLE_VIEWS = 60          # distinct held-out demo-room views the soak cycles through
 
 
-def ros_loopback_env() -> dict[str, str]:
-    """The environment for the node and our sender: DDS on loopback, a private domain unless one is set."""
-    from offline.demo import _ros_env
-
-    return _ros_env()
-
-
 def proc_rss_kib(pid: int) -> int:
     """Resident set size (VmRSS) of a process, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -603,6 +596,8 @@ def bench_node_latency(args) -> None:
         sys.exit(f"no held-out frames in {args.data} (all {len(frameset)} are mapping frames of {map_dir})")
     size = {(f.camera.width, f.camera.height) for f in queries}
 
+    from offline.demo import ros_loopback_env
+
     env = ros_loopback_env()
     os.environ.update(env)
     params = {"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": "reliable"}
@@ -792,6 +787,8 @@ def bench_soak(args) -> None:
     scene = cached_scene(0)
     views = [demo_view((k + 0.5) * TRAJECTORY_PERIOD_S / SOAK_CYCLE_VIEWS) for k in range(SOAK_CYCLE_VIEWS)]
     messages = [image_and_info_msgs(scene.render(T, camera)[0], camera) for T in views]
+
+    from offline.demo import ros_loopback_env
 
     env = ros_loopback_env()
     os.environ.update(env)
