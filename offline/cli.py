@@ -101,6 +101,12 @@ def open_frames(args, source: Path, out_dir: Path, fraction: float | None = None
 
 # --------------------------------------------------------------------------- commands
 
+def build_work_dir(args) -> Path:
+    """``build``'s stage cache: ``--work-dir``, else ``OUT.work`` beside the bundle."""
+    out = Path(args.out)
+    return Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
+
+
 def cmd_build(args) -> int:
     from offline.build import ExtractorSettings, build_map, profile_config
 
@@ -129,7 +135,7 @@ def cmd_build(args) -> int:
         config.synthetic_ratio = args.synthetic_ratio
     config.validate()
     out = Path(args.out)
-    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
+    work = build_work_dir(args)
     from offline.sources.rosbag_source import is_bag
 
     if args.pose_source == "sfm" and is_bag(args.source):
@@ -299,9 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         rerun = "fix this and rerun the same command"
         if args.command == "build":
             # A map bundle only appears under --out once complete (temp dir, then rename).
-            out = Path(args.out)
-            work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
-            rerun = f"the finished stages stay cached in {work}: {rerun} to resume"
+            rerun = f"the finished stages stay cached in {build_work_dir(args)}: {rerun} to resume"
         print(f"d2s-nerf {args.command}: error: {what}: {exc.strerror or exc}{where}; {rerun}", file=sys.stderr)
         # A writer that failed half-way may still hold its file open (numpy's savez leaves its
         # zip open); closing it at exit fails on the same full disk, and Python would print that
