@@ -7,7 +7,9 @@
       report.html ...   any extra files registered with the bundle
 
 Saving writes a sibling temp directory first and renames it into place, so a crash never
-leaves a half-written map under the final name. Loading checks every listed file's
+leaves a half-written map under the final name. What a killed save leaves beside the map
+(``MAP.tmp-*``, ``MAP.old-*``) is removed by the next save once it is stale; a load of a map
+that an interrupted save left only as ``MAP.old-*`` names that directory. Loading checks every listed file's
 checksum and the weights against the model config before anything is used.
 """
 
@@ -33,6 +35,25 @@ MAP_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "d2s.safetensors"
 _RESERVED_NAMES = {MANIFEST_NAME, WEIGHTS_NAME}
+# A save takes seconds; a temp sibling untouched this long belongs to a save that was killed.
+STALE_SAVE_S = 3600.0
+
+
+def _remove_stale_siblings(path: Path, stale_s: float = STALE_SAVE_S) -> None:
+    """Delete what killed saves of ``path`` left beside it: temp directories (never a complete
+    map under the final name) and, when ``path`` itself exists, the previous map moved aside."""
+    import time
+
+    now = time.time()
+    candidates = list(path.parent.glob(path.name + ".tmp-*"))
+    if path.exists():  # the replacement finished: an ".old-" sibling is no one's only copy
+        candidates += list(path.parent.glob(path.name + ".old-*"))
+    for sibling in candidates:
+        try:
+            if sibling.is_dir() and now - sibling.stat().st_mtime > stale_s:
+                shutil.rmtree(sibling, ignore_errors=True)
+        except OSError:
+            continue  # another process removed it first
 
 
 class MapBundleError(Exception):
@@ -145,6 +166,7 @@ class MapBundle:
         path = Path(path)
         _check_weights(self.state_dict, self.model_config, where="the bundle being saved")
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_siblings(path)
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
         try:
             save_safetensors_file({k: v.contiguous() for k, v in self.state_dict.items()}, tmp / WEIGHTS_NAME,
@@ -184,6 +206,11 @@ class MapBundle:
 
         path = Path(path)
         if not path.exists():
+            aside = sorted(path.parent.glob(path.name + ".old-*")) if path.parent.is_dir() else []
+            if aside:
+                raise MapBundleError(
+                    f"map {path} does not exist, but a save into it was interrupted: the previous map is in "
+                    f"{aside[-1]} (check it loads, then rename it to {path.name})")
             raise MapBundleError(f"map {path} does not exist")
         if not path.is_dir():
             raise MapBundleError(f"map {path} is not a directory (a map bundle is a folder with {MANIFEST_NAME})")

@@ -52,11 +52,13 @@ class BuildConfig:
     synthesis: bool = True
     synthetic_labels: str = "matches"   # "matches" | "depth" | "both"
     synthetic_ratio: float = 0.5
+    synthetic_unlabelled: str = "unreliable"  # a render's unlabelled keypoints: "unreliable" | "ignored" (reliability loss)
     nerf_iterations: int = 1500
     synthesis_keep_fraction: float | None = None  # renders kept with >= this fraction of max_keypoints matches (None: profile's)
     synthesis_max_poses: int | None = None        # an even subsample of the novel poses, for a time budget
     device: str = "auto"
     seed: int = 0
+    train_seed: int | None = None       # D2S initialisation and batches only (None: seed); the cached stages stay
 
     def validate(self) -> None:
         if self.labels not in LABEL_MODES:
@@ -67,11 +69,18 @@ class BuildConfig:
             raise ValueError(f"synthetic labels must be matches, depth or both, got {self.synthetic_labels!r}")
         if self.fraction is not None and self.every is not None:
             raise ValueError("give --fraction or --every, not both")
+        if self.train_seed is not None and self.train_seed < 0:
+            raise ValueError(f"train_seed must be >= 0 (or None), got {self.train_seed}")
         if self.train_threads is not None and self.train_threads < 1:
             raise ValueError(f"train_threads must be >= 1 (or None), got {self.train_threads}")
         self.model_head_dims = tuple(int(d) for d in self.model_head_dims)
         if self.synthesis_keep_fraction is not None and not 0.0 <= self.synthesis_keep_fraction <= 1.0:
             raise ValueError(f"synthesis keep fraction must be in [0, 1], got {self.synthesis_keep_fraction}")
+        from offline.train_d2s import SYNTHETIC_UNLABELLED
+
+        if self.synthetic_unlabelled not in SYNTHETIC_UNLABELLED:
+            raise ValueError(f"synthetic unlabelled must be one of {', '.join(SYNTHETIC_UNLABELLED)}, "
+                             f"got {self.synthetic_unlabelled!r}")
         if self.synthesis_max_poses is not None and self.synthesis_max_poses < 1:
             raise ValueError(f"synthesis max poses must be >= 1, got {self.synthesis_max_poses}")
 
@@ -107,6 +116,9 @@ def profile_config(profile: str) -> BuildConfig:
             nerf_iterations=30_000,
         )
     raise ValueError(f"unknown profile {profile!r}; known: fast, paper")
+
+
+STAGED_BUNDLE = "bundle-staged"  # in the work directory: the bundle the report is made from
 
 
 @dataclass
@@ -357,8 +369,13 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
         iterations=config.train_iterations, images_per_batch=config.train_images_per_batch,
         max_keypoints_per_image=config.train_keypoints_per_image, lr=config.train_lr,
         synthetic_ratio=config.synthetic_ratio if synthetic else 0.0,
-        seed=config.seed, device=str(device))
-    train_key = fingerprint(label_key, aug_cfg, synthesis_stats.get("key"), model_cfg, train_cfg)
+        synthetic_unlabelled=config.synthetic_unlabelled if synthetic else "unreliable",
+        seed=config.seed if config.train_seed is None else config.train_seed, device=str(device))
+    # "unreliable" was the only behaviour before the option existed: it stays out of the key, so
+    # trainings cached before it keep their keys.
+    train_key_cfg = {k: v for k, v in to_jsonable(train_cfg).items()
+                     if not (k == "synthetic_unlabelled" and v == "unreliable")}
+    train_key = fingerprint(label_key, aug_cfg, synthesis_stats.get("key"), model_cfg, train_key_cfg)
     train_dir = work_dir / f"train-{train_key}"
     t0 = time.perf_counter()
     threads_before = torch.get_num_threads()
@@ -393,15 +410,17 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
         training=training_info, synthesis=synthesis_stats,
         metrics={"timings_s": dict(runner.timings_s), "cached": dict(runner.cached)})
     bundle.add_file("map_points.safetensors", safetensors_bytes(_map_points_arrays(real)))
-    bundle.save(out)
-    # The report reads the saved bundle (it may localise the query frames with it), then
-    # joins the bundle with its checksum in a second atomic save.
+    # The report reads a saved bundle (it may localise the query frames with it), so the bundle is
+    # staged in the work directory first; OUT is then written once, complete with its report:
+    # a failure anywhere leaves either the previous map or none there, never one without a report.
     from offline.report import write_report
 
-    report = write_report(out, work_dir / "report.html", frames, real, history, synthesis_stats,
-                          query_frames=query_frames)
+    staged = bundle.save(work_dir / STAGED_BUNDLE)
+    report = write_report(staged, work_dir / "report.html", frames, real, history, synthesis_stats,
+                          query_frames=query_frames, map_name=out.name)
     bundle.add_file("report.html", report)
     bundle.save(out)
+    shutil.rmtree(staged, ignore_errors=True)
     return BuildSummary(out, work_dir, len(frames), n_labelled, len(augmented), len(synthetic), final_loss,
                         dict(runner.timings_s), dict(runner.cached))
 

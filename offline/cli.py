@@ -118,7 +118,7 @@ def cmd_build(args) -> int:
         config.extractor.max_keypoints = args.max_keypoints
     config.fraction, config.every = args.fraction, args.every
     config.synthesis = not args.no_synthesis
-    for name in ("labels", "synthetic_labels", "device", "seed", "matcher"):
+    for name in ("labels", "synthetic_labels", "synthetic_unlabelled", "device", "seed", "train_seed", "matcher"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     if args.train_iterations:
@@ -245,8 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--synthesis-max-poses", type=int, help="render at most this many novel views (fast 150)")
     b.add_argument("--synthetic-ratio", type=float,
                    help="fraction of each training batch's images drawn from the synthetic views (default 0.5)")
+    b.add_argument("--synthetic-unlabelled", choices=["unreliable", "ignored"],
+                   help="what a render's unlabelled keypoints teach the reliability head: unreliable (the "
+                        "paper, default) or ignored (left out of the reliability loss)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"])
     b.add_argument("--seed", type=int)
+    b.add_argument("--train-seed", type=int,
+                   help="seed of the D2S training alone (default: --seed); the cached stages are reused")
     b.add_argument("--work-dir", help="stage cache (default: OUT.work); rerun to resume")
     b.add_argument("--queries", help="query source with ground truth, for the report's error CDF")
     b.add_argument("--query-every", type=int)

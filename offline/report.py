@@ -100,8 +100,10 @@ def samples_figure(pairs: list[tuple[np.ndarray, np.ndarray, str]]):
 
 def write_report(map_dir: Path, report_path: Path, frames: list[Frame], real: list[LabelledImage],
                  history: list[dict[str, Any]], synthesis_stats: dict[str, Any],
-                 query_frames: list[Frame] | None = None, extra_sections: list[tuple[str, str]] | None = None) -> Path:
-    """Write the report page to ``report_path`` (the caller adds it to the bundle)."""
+                 query_frames: list[Frame] | None = None, extra_sections: list[tuple[str, str]] | None = None,
+                 map_name: str | None = None) -> Path:
+    """Write the report page to ``report_path`` (the caller adds it to the bundle); ``map_name``
+    titles it (default: ``map_dir``'s name)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,7 +154,7 @@ def write_report(map_dir: Path, report_path: Path, frames: list[Frame], real: li
     body = "\n".join(f"<h2>{html.escape(t)}</h2>\n{b}" for t, b in sections)
     page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>d2s_nerf map report</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:auto}} td{{padding:2px 12px}} img{{max-width:100%}}</style>
-</head><body><h1>Map report: {html.escape(Path(map_dir).name)}</h1>{body}</body></html>"""
+</head><body><h1>Map report: {html.escape(map_name or Path(map_dir).name)}</h1>{body}</body></html>"""
     path = Path(report_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)

@@ -3,7 +3,9 @@
 Loss per batch (several images padded to one tensor, with masks):
   xyz_loss    mean over valid-labelled keypoints of ||xyz_hat - xyz||_2 (metres)
   rel_loss    per image sqrt(mean over its keypoints of (valid - r)^2), i.e. ||valid - r||_2
-              normalised by sqrt(#keypoints), averaged over the images; r = reliability(u)
+              normalised by sqrt(#keypoints), averaged over the images; r = reliability(u).
+              With ``synthetic_unlabelled="ignored"`` a synthetic image's unlabelled
+              keypoints are left out of its mean.
   reproj_loss (last ``reprojection_fraction`` of training) ACE-style robust reprojection
               error of the valid-labelled keypoints, tau * tanh(e / tau) with a threshold
               tau that shrinks from ``reprojection_tau_max_px`` to ``reprojection_tau_min_px``
@@ -41,6 +43,7 @@ from offline.labelled import LabelledImage
 
 CHECKPOINT_POINTER = "latest.json"
 MIN_DEPTH_M = 0.1  # predictions closer than this (or behind the camera) get no reprojection loss
+SYNTHETIC_UNLABELLED = ("unreliable", "ignored")
 
 
 @dataclass
@@ -56,6 +59,12 @@ class D2STrainConfig:
     reprojection_tau_max_px: float = 50.0
     reprojection_tau_min_px: float = 1.0
     synthetic_ratio: float = 0.5
+    # What a synthetic image's unlabelled keypoints teach the reliability head. "unreliable" (the
+    # paper): reliability target 0, like a real keypoint without a 3D point. "ignored": no
+    # reliability loss at all. A render's keypoint is usually unlabelled because the render matched
+    # its reference poorly, not because the scene point is unreliable, so "ignored" keeps render
+    # quality from teaching the model to distrust descriptors that real queries need.
+    synthetic_unlabelled: str = "unreliable"
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bfloat16 autocast, CUDA only
@@ -73,6 +82,9 @@ class D2STrainConfig:
         for name in ("warmup_fraction", "reprojection_fraction", "synthetic_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.synthetic_unlabelled not in SYNTHETIC_UNLABELLED:
+            raise ValueError(f"synthetic_unlabelled must be one of {', '.join(SYNTHETIC_UNLABELLED)}, "
+                             f"got {self.synthetic_unlabelled!r}")
         if not 0 < self.reprojection_tau_min_px <= self.reprojection_tau_max_px:
             raise ValueError("need 0 < reprojection_tau_min_px <= reprojection_tau_max_px")
         if self.checkpoint_every < 1 or self.log_every < 1:
@@ -194,6 +206,7 @@ class Batch:
     mask: torch.Tensor         # (B, K) real keypoint
     points3D: torch.Tensor     # (B, K, 3)
     valid: torch.Tensor        # (B, K) real and labelled
+    rel_mask: torch.Tensor     # (B, K) keypoints the reliability loss sees
     pixels: torch.Tensor       # (B, K, 2)
     intrinsics: torch.Tensor   # (B, 4)
     T_cam_world: torch.Tensor  # (B, 3, 4)
@@ -223,12 +236,18 @@ def sample_batch(packed: PackedImages, config: D2STrainConfig, generator: torch.
     mask = picked >= 0
     flat = picked.clamp(min=0).to(device, non_blocking=True)
     mask = mask.to(device, non_blocking=True)
+    valid = packed.valid[flat] & mask
+    rel_mask = mask
+    if config.synthetic_unlabelled == "ignored" and n_syn:
+        synthetic_rows = packed.is_synthetic[chosen].to(device)[:, None]
+        rel_mask = mask & (valid | ~synthetic_rows)
     chosen = chosen.to(device)
     return Batch(
         descriptors=packed.descriptors[flat],
         mask=mask,
         points3D=packed.points3D[flat],
-        valid=packed.valid[flat] & mask,
+        valid=valid,
+        rel_mask=rel_mask,
         pixels=packed.pixels[flat],
         intrinsics=packed.intrinsics[chosen],
         T_cam_world=packed.T_cam_world[chosen],
@@ -241,13 +260,16 @@ def batch_losses(model: D2SNet, batch: Batch, tau_px: float | None, median_depth
     xyz_hat, u = xyz_hat.float(), u.float()
     r = reliability(u)
     valid = batch.valid.float()
-    real = batch.mask.float()
+    seen = batch.rel_mask.float()
     n_valid = valid.sum().clamp(min=1.0)
 
     xyz_err = torch.sqrt(((xyz_hat - batch.points3D) ** 2).sum(-1) + 1e-12)
     xyz_loss = (xyz_err * valid).sum() / n_valid
-    per_image = ((valid - r) ** 2 * real).sum(1) / real.sum(1).clamp(min=1.0)
-    rel_loss = torch.sqrt(per_image + 1e-12).mean()
+    per_image = ((valid - r) ** 2 * seen).sum(1) / seen.sum(1).clamp(min=1.0)
+    # An image none of whose keypoints the loss sees (a synthetic one without labels, "ignored")
+    # adds nothing, rather than a sqrt(1e-12) pull.
+    has_seen = (seen.sum(1) > 0).float()
+    rel_loss = (torch.sqrt(per_image + 1e-12) * has_seen).sum() / has_seen.sum().clamp(min=1.0)
 
     reproj_loss = torch.zeros((), device=xyz_hat.device)
     if tau_px is not None:

@@ -61,11 +61,24 @@ LOAD_SAMPLES: list[float] = []
 def run(cmd: list[str], log_path: Path) -> float:
     """Run a d2s-nerf command, tee its output to a log; returns wall seconds. Samples the
     1-minute load average before and after: timings on a shared machine need it."""
+    import threading
+
     print("$", shlex.join(cmd), flush=True)
     LOAD_SAMPLES.append(load_average())
+    done = threading.Event()
+
+    def sample_load() -> None:  # a long build's load is not its start's and end's
+        while not done.wait(30.0):
+            LOAD_SAMPLES.append(load_average())
+
+    sampler = threading.Thread(target=sample_load, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
-    with open(log_path, "a") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        with open(log_path, "a") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    finally:
+        done.set()
     secs = time.perf_counter() - t0
     LOAD_SAMPLES.append(load_average())
     if proc.returncode != 0:
@@ -118,7 +131,11 @@ def bench_core(args) -> None:
     log = runs / "core.log"
     map_dir = runs / "core_map"
     build_cmd = d2s_nerf() + ["build", args.data, "--out", str(map_dir), "--fraction", str(args.fraction),
-                              "--profile", "fast", "--extractor", args.extractor, "--no-synthesis", "--quiet"]
+                              "--profile", "fast", "--extractor", args.extractor, "--quiet"]
+    # Without --synthesis the core benchmark measures D2S alone; with it, the whole default build
+    # (NeRF, renders, filter, synthetic labels) and its time, stage by stage.
+    build_cmd += ["--synthetic-ratio", str(args.synthetic_ratio)] if args.synthesis and args.synthetic_ratio is not None \
+        else ([] if args.synthesis else ["--no-synthesis"])
     if args.work_dir:
         # e.g. the synthesis ablation's work directory: its cached stages and training are reused
         build_cmd += ["--work-dir", args.work_dir]
@@ -141,21 +158,29 @@ def bench_core(args) -> None:
     date = datetime.date.today().isoformat()
     shown_build = ["d2s-nerf" if c in (sys.executable, "-m", "offline.cli") else c for c in build_cmd]
     shown_build = [c for i, c in enumerate(shown_build) if not (c == "d2s-nerf" and i > 0 and shown_build[i - 1] == "d2s-nerf")]
-    body = f"""## Localization core: D2S vs structure-based matching (RedKitchen, sparse mapping)
+    title = "with NeRF synthesis, fresh build" if args.synthesis else "D2S vs structure-based matching"
+    syn_flags = ((" --synthesis" + (f" --synthetic-ratio {args.synthetic_ratio}" if args.synthetic_ratio is not None else ""))
+                 if args.synthesis else "")
+    syn = manifest.get("synthesis", {})
+    syn_line = (f"- Synthesis: {syn.get('n_poses', '?')} views rendered of {syn.get('n_poses_before_cap', '?')} novel poses, "
+                f"{syn.get('n_kept', '?')} kept, {syn.get('n_valid_keypoints', '?')} synthetic labelled keypoints; its steps: "
+                + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in syn.get("timings_s", {}).items() if k.endswith("_s")) + "\n"
+                if args.synthesis else "")
+    body = f"""## Localization core: {title} (RedKitchen, sparse mapping)
 
-- Command: `.venv/bin/python scripts/benchmark.py core --fraction {args.fraction} --extractor {args.extractor} --query-every {args.query_every}{' --train-iterations ' + str(args.train_iterations) if args.train_iterations else ''}{' --labels ' + args.labels if args.labels else ''}{' --work-dir ' + os.path.relpath(args.work_dir, REPO) if args.work_dir else ''}`
+- Command: `.venv/bin/python scripts/benchmark.py core --runs {os.path.relpath(args.runs, REPO)} --fraction {args.fraction} --extractor {args.extractor} --query-every {args.query_every}{' --train-iterations ' + str(args.train_iterations) if args.train_iterations else ''}{' --labels ' + args.labels if args.labels else ''}{syn_flags}{' --work-dir ' + os.path.relpath(args.work_dir, REPO) if args.work_dir else ''}`
   (build: `{shlex.join(shown_build)}`)
 - Machine: {machine()}; date {date}; 1-minute load average during the run {min(LOAD_SAMPLES):.1f} to {max(LOAD_SAMPLES):.1f} (other jobs share the CPU, so the times are noisy)
 - Mapping frames: {len(manifest['frames'])}; labelled keypoints: {manifest['training']['n_labelled_keypoints']}; augmented images: {manifest['training']['n_augmented_images']}
 - Build wall time: {build_s / 60:.1f} min{cached_note} (stages: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; training {manifest['training']['config']['iterations']} iterations)
-- Queries: every {args.query_every}th frame not used for mapping ({results['d2s']['n_queries']} frames); a failed query counts as an infinite error.
+{syn_line}- Queries: every {args.query_every}th frame not used for mapping ({results['d2s']['n_queries']} frames); a failed query counts as an infinite error.
   Latency is the whole localisation on this CPU (feature extraction dominates; the baseline also matches against 3 retrieved mapping frames).
 
 {TABLE_HEAD}
 {results_row('D2S (this package)', results['d2s'])}
 {results_row('match to mapping frames (hloc-like baseline)', results['match'])}
 """
-    write_section(f"core-{args.extractor}-{args.fraction}", body)
+    write_section(f"core-{args.extractor}-{args.fraction}{'-synthesis' if args.synthesis else ''}", body)
     (runs / "core_summary.json").write_text(json.dumps({"build_s": build_s, "results": results}, indent=1))
     print(body)
 
@@ -193,7 +218,12 @@ def bench_ablation(args) -> None:
         variants.remove("none")
         variants.insert(0, "none")
 
-    summary_tag = f"_ratio{args.synthetic_ratio}" if args.synthetic_ratio is not None else ""
+    # Options away from the build's defaults name their maps, summaries and section, so runs with
+    # other settings sit beside the default ones (the work directory, and so the NeRF, is shared).
+    synthesis_tag = ((f"_ratio{args.synthetic_ratio}" if args.synthetic_ratio is not None else "")
+                     + (f"_unlabelled-{args.synthetic_unlabelled}" if args.synthetic_unlabelled else ""))
+    seed_tag = f"_trainseed{args.train_seed}" if args.train_seed is not None else ""
+    summary_tag = synthesis_tag + seed_tag
 
     def one_fraction(fraction: float) -> dict:
         tag = f"f{fraction}"
@@ -201,19 +231,22 @@ def bench_ablation(args) -> None:
         log = runs / f"{tag}.log"
         out: dict = {"fraction": fraction, "variants": {}}
         for variant in variants:
-            # Variants with another synthetic ratio get their own map names (same work directory).
-            ratio_tag = f"_ratio{args.synthetic_ratio}" if args.synthetic_ratio is not None and variant != "none" else ""
-            map_dir = runs / f"{tag}_{variant}{ratio_tag}"
+            variant_tag = (synthesis_tag if variant != "none" else "") + seed_tag
+            map_dir = runs / f"{tag}_{variant}{variant_tag}"
             cmd = d2s_nerf() + ["build", args.data, "--out", str(map_dir), "--work-dir", str(work),
                                 "--fraction", str(fraction), "--profile", "fast", "--extractor", args.extractor,
                                 "--train-iterations", str(args.train_iterations), "--seed", str(args.seed), "--quiet"]
             cmd += ["--no-synthesis"] if variant == "none" else ["--synthetic-labels", variant]
             if args.synthesis_max_poses:
                 cmd += ["--synthesis-max-poses", str(args.synthesis_max_poses)]
-            if ratio_tag:
+            if variant != "none" and args.synthetic_ratio is not None:
                 cmd += ["--synthetic-ratio", str(args.synthetic_ratio)]
+            if variant != "none" and args.synthetic_unlabelled:
+                cmd += ["--synthetic-unlabelled", args.synthetic_unlabelled]
+            if args.train_seed is not None:
+                cmd += ["--train-seed", str(args.train_seed)]
             build_s = run(cmd, log)
-            eval_dir = runs / f"{tag}_{variant}{ratio_tag}_eval"
+            eval_dir = runs / f"{tag}_{variant}{variant_tag}_eval"
             results_path = eval_dir / "results.json"
             fresh = (results_path.exists() and results_path.stat().st_mtime > (map_dir / "manifest.json").stat().st_mtime
                      and json.loads(results_path.read_text()).get("n_queries"))
@@ -262,7 +295,9 @@ def bench_ablation(args) -> None:
                f"--variants {' '.join(variants)} --train-iterations {args.train_iterations} --query-every {args.query_every}"
                f" --jobs {args.jobs}"
                + (f" --synthesis-max-poses {args.synthesis_max_poses}" if args.synthesis_max_poses else "")
-               + (f" --synthetic-ratio {args.synthetic_ratio}" if args.synthetic_ratio is not None else ""))
+               + (f" --synthetic-ratio {args.synthetic_ratio}" if args.synthetic_ratio is not None else "")
+               + (f" --synthetic-unlabelled {args.synthetic_unlabelled}" if args.synthetic_unlabelled else "")
+               + (f" --train-seed {args.train_seed}" if args.train_seed is not None else ""))
     lines = [
         "## NeRF descriptor synthesis ablation (RedKitchen, sparse mapping)",
         "",
@@ -273,7 +308,9 @@ def bench_ablation(args) -> None:
         + (f"; 1-minute load average during the run {min(LOAD_SAMPLES):.1f} to {max(LOAD_SAMPLES):.1f}" if LOAD_SAMPLES
            else "; other jobs shared the CPU during the run (the times are noisy)"),
         f"- Every variant: `d2s-nerf build --profile fast --extractor {args.extractor} --train-iterations "
-        f"{args.train_iterations} --seed {args.seed}` on the same mapping frames, one shared work directory per "
+        f"{args.train_iterations} --seed {args.seed}"
+        + (f" --train-seed {args.train_seed}" if args.train_seed is not None else "")
+        + "` on the same mapping frames, one shared work directory per "
         "fraction (features, labels, augmentation, NeRF and renders computed once); `none` is `--no-synthesis`, the "
         "others `--synthetic-labels MODE`. Queries: every "
         f"{args.query_every}th frame not used for mapping; a failed query counts as an infinite error.",
@@ -960,6 +997,9 @@ def main() -> None:
     c.add_argument("--train-iterations", type=int)
     c.add_argument("--labels")
     c.add_argument("--work-dir", help="stage cache to build in (default: next to the map)")
+    c.add_argument("--synthesis", action="store_true",
+                   help="build with the default NeRF synthesis (its own section: the full build's time)")
+    c.add_argument("--synthetic-ratio", type=float, help="with --synthesis: share of synthetic images per batch")
     c.set_defaults(func=bench_core)
 
     a = sub.add_parser("ablation", help="D2S without vs with NeRF synthesis (matches/depth/both labels)")
@@ -977,6 +1017,10 @@ def main() -> None:
                    help="render at most this many novel views per fraction (default: the fast profile's)")
     a.add_argument("--synthetic-ratio", type=float,
                    help="share of synthetic images per training batch for the synthesis variants (build default 0.5)")
+    a.add_argument("--synthetic-unlabelled", choices=["unreliable", "ignored"],
+                   help="what renders' unlabelled keypoints teach the reliability head (build default: unreliable)")
+    a.add_argument("--train-seed", type=int,
+                   help="seed of the D2S training alone, every variant (NeRF, renders and the other stages stay)")
     a.add_argument("--report-only", action="store_true",
                    help="write the section from the summaries a previous run saved in --runs")
     a.set_defaults(func=bench_ablation)

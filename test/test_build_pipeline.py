@@ -56,7 +56,9 @@ def test_bundle_is_complete_and_loadable(demo):
     assert m["synthesis"] == {"enabled": False}
     report = (demo["root"] / "map" / "report.html").read_text()
     assert "Trajectory" in report and "data:image/png;base64," in report
+    assert "Map report: map<" in report  # titled with the map, not with the staged copy it was made from
     assert not list(demo["root"].glob("map.tmp-*")), "no half-written bundle may be left behind"
+    assert not (demo["summary"].work_dir / "bundle-staged").exists()
 
 
 def test_triangulated_labels_agree_with_exact_geometry(demo):
@@ -131,6 +133,7 @@ def test_cli_unknown_source_lists_what_is_accepted(tmp_path):
     ("--synthetic-ratio", "1.5", "--synthetic-ratio must be in [0, 1]"),
     ("--synthesis-keep-fraction", "-0.1", "synthesis keep fraction must be in [0, 1]"),
     ("--synthesis-max-poses", "0", "synthesis max poses must be >= 1"),
+    ("--train-seed", "-1", "train_seed must be >= 0"),
 ])
 def test_cli_rejects_bad_synthesis_options_before_reading_the_source(tmp_path, option, value, message):
     proc = _cli("build", str(tmp_path / "does-not-exist"), "--out", str(tmp_path / "m"), option, value)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +198,29 @@ def test_failed_save_leaves_the_old_map_and_no_temp_dirs(saved, tmp_path):
         bundle.save(path)
     MapBundle.load(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map"]
+
+
+def test_a_save_removes_what_killed_saves_left_behind(saved, tmp_path):
+    _, path = saved
+    hour_ago = time.time() - 2 * 3600
+    stale_tmp, stale_old = tmp_path / "map.tmp-dead1", tmp_path / "map.old-dead2"
+    fresh_tmp = tmp_path / "map.tmp-busy"        # a save in progress right now: not ours to delete
+    other = tmp_path / "other.tmp-dead3"          # another map's leftovers: not ours either
+    for d in (stale_tmp, stale_old, fresh_tmp, other):
+        d.mkdir()
+        (d / "d2s.safetensors").write_bytes(b"partial")
+    for d in (stale_tmp, stale_old, other):
+        os.utime(d, (hour_ago, hour_ago))
+    make_bundle().save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map", "map.tmp-busy", "other.tmp-dead3"]
+
+
+def test_a_map_left_aside_by_an_interrupted_save_is_named(saved, tmp_path):
+    _, path = saved
+    aside = tmp_path / "map.old-x1y2"
+    os.replace(path, aside)  # killed between moving the old map aside and renaming the new one in
+    with pytest.raises(MapBundleError, match="interrupted.*map.old-x1y2.*rename it to map"):
+        MapBundle.load(path)
+    make_bundle().save(path)  # the next save does not touch the only copy of the old map
+    assert aside.is_dir()
+    MapBundle.load(aside)

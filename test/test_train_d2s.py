@@ -137,6 +137,44 @@ def test_batches_subsample_keypoints_and_mix_synthetic_images():
             assert len(torch.unique(rows, dim=0)) == len(rows)
 
 
+def test_ignored_synthetic_unlabelled_keypoints_leave_the_reliability_loss():
+    rng = np.random.default_rng(5)
+    real = [geometric_image(rng, "r0", 80, 16, valid_fraction=0.5)]
+    syn_camera = CameraIntrinsics(640, 480, 400.0, 400.0, 320.0, 240.0)  # tells the rows apart
+    synthetic = [geometric_image(rng, "s0", 80, 16, valid_fraction=0.25, camera=syn_camera, source="synthetic")]
+    packed = pack_images(real + synthetic, 16, torch.device("cpu"), [False, True])
+    torch.manual_seed(0)
+    model = D2SNet(D2SConfig(16, **SMALL))
+    rel = {}
+    for mode in ("unreliable", "ignored"):
+        config = D2STrainConfig(iterations=10, images_per_batch=2, max_keypoints_per_image=200,
+                                synthetic_ratio=0.5, synthetic_unlabelled=mode)
+        gen = torch.Generator().manual_seed(3)
+        while True:  # a batch with one real and one synthetic image
+            batch = sample_batch(packed, config, gen, torch.device("cpu"))
+            is_syn = batch.intrinsics[:, 0] == 400.0
+            if int(is_syn.sum()) == 1:
+                break
+        with torch.no_grad():
+            rel[mode] = batch_losses(model, batch, None, 2.0, 1.0)["rel_loss"].item()
+            _, u = model(batch.descriptors, batch.mask)
+        r = (1.0 / (1.0 + 100.0 * u.abs())).numpy()
+        v = batch.valid.numpy().astype(float)
+        terms = []
+        for b in range(2):
+            seen = batch.mask[b].numpy().copy()
+            if mode == "ignored" and is_syn[b]:
+                seen &= batch.valid[b].numpy()          # the render's unlabelled keypoints say nothing
+                assert seen.sum() < batch.mask[b].sum()
+            else:
+                assert torch.equal(batch.rel_mask[b], batch.mask[b])
+            terms.append(np.sqrt(np.mean((v[b][seen] - r[b][seen]) ** 2)))
+        assert rel[mode] == pytest.approx(np.mean(terms), rel=1e-4)
+    assert rel["unreliable"] != pytest.approx(rel["ignored"], rel=1e-3)
+    with pytest.raises(ValueError, match="synthetic_unlabelled"):
+        D2STrainConfig(synthetic_unlabelled="dropped")
+
+
 def test_bad_training_input(tmp_path):
     rng = np.random.default_rng(3)
     image = geometric_image(rng, "a", 20, 16)
