@@ -53,6 +53,7 @@ class BuildConfig:
     synthetic_labels: str = "matches"   # "matches" | "depth" | "both"
     synthetic_ratio: float = 0.5
     synthetic_unlabelled: str = "unreliable"  # a render's unlabelled keypoints: "unreliable" | "ignored" (reliability loss)
+    synthesis_renderer: str = "nerfacto"      # SYNTHESIS_RENDERERS: nerfacto (the method) | rgbd-warp (needs depth)
     nerf_iterations: int = 1500
     synthesis_keep_fraction: float | None = None  # renders kept with >= this fraction of max_keypoints matches (None: profile's)
     synthesis_max_poses: int | None = None        # an even subsample of the novel poses, for a time budget
@@ -81,6 +82,9 @@ class BuildConfig:
         if self.synthetic_unlabelled not in SYNTHETIC_UNLABELLED:
             raise ValueError(f"synthetic unlabelled must be one of {', '.join(SYNTHETIC_UNLABELLED)}, "
                              f"got {self.synthetic_unlabelled!r}")
+        if self.synthesis_renderer not in SYNTHESIS_RENDERERS:
+            raise ValueError(f"synthesis renderer must be one of {', '.join(SYNTHESIS_RENDERERS)}, "
+                             f"got {self.synthesis_renderer!r}")
         if self.synthesis_max_poses is not None and self.synthesis_max_poses < 1:
             raise ValueError(f"synthesis max poses must be >= 1, got {self.synthesis_max_poses}")
 
@@ -118,6 +122,7 @@ def profile_config(profile: str) -> BuildConfig:
     raise ValueError(f"unknown profile {profile!r}; known: fast, paper")
 
 
+SYNTHESIS_RENDERERS = ("nerfacto", "rgbd-warp")
 STAGED_BUNDLE = "bundle-staged"  # in the work directory: the bundle the report is made from
 
 
@@ -457,12 +462,26 @@ def _run_synthesis_stage(runner: StageRunner, frames, real, extractor, config: B
                                            max_poses=config.synthesis_max_poses,
                                            # one torch thread beats two on a small shared CPU (see NerfactoConfig)
                                            cpu_threads=config.train_threads)
-    key = fingerprint(label_key, syn_cfg)
+    stage = "synthesis"
+    renderers = None  # nerfacto, trained by the stage
+    if config.synthesis_renderer == "rgbd-warp":
+        from offline.synthesis.rgbd_warp import RGBDWarpRenderer
+
+        missing = [f.name for f in frames if f.depth_path is None]
+        if missing:
+            raise ValueError(f"--synthesis-renderer rgbd-warp needs depth for every mapping frame; "
+                             f"none for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        renderers = [RGBDWarpRenderer(frames)]
+        # Warping real pixels costs milliseconds: render at the camera's full resolution. Its own
+        # stage directory keeps the NeRF and its renders cached beside it.
+        syn_cfg.render_fraction = 1.0
+        stage = "synthesis-rgbd-warp"
+    key = fingerprint(label_key, syn_cfg) if renderers is None else fingerprint(label_key, syn_cfg, stage)
     matcher = make_matcher(config.matcher, config.extractor.name, device=config.device)
     real_by_name = {im.name: im for im in real}
 
     def compute(d: Path):
-        res = run_synthesis(frames, real_by_name, extractor, matcher, None, syn_cfg, d)
+        res = run_synthesis(frames, real_by_name, extractor, matcher, renderers, syn_cfg, d)
         save_labelled(d / "synthetic.npz", res.images)
         write_json_atomic(d / "synthesis_stats.json", res.stats)
         return res.images, res.stats
@@ -470,7 +489,8 @@ def _run_synthesis_stage(runner: StageRunner, frames, real, extractor, config: B
     def load(d: Path):
         return load_labelled(d / "synthetic.npz"), json.loads((d / "synthesis_stats.json").read_text())
 
-    images, stats = runner.run("synthesis", key, compute, load)
+    images, stats = runner.run(stage, key, compute, load)
     stats = dict(stats)
-    stats.update({"enabled": True, "key": key, "n_synthetic_images": len(images), "labels": config.synthetic_labels})
+    stats.update({"enabled": True, "key": key, "n_synthetic_images": len(images), "labels": config.synthetic_labels,
+                  "renderer": config.synthesis_renderer})
     return images, stats

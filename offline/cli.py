@@ -118,7 +118,8 @@ def cmd_build(args) -> int:
         config.extractor.max_keypoints = args.max_keypoints
     config.fraction, config.every = args.fraction, args.every
     config.synthesis = not args.no_synthesis
-    for name in ("labels", "synthetic_labels", "synthetic_unlabelled", "device", "seed", "train_seed", "matcher"):
+    for name in ("labels", "synthetic_labels", "synthetic_unlabelled", "synthesis_renderer", "device", "seed",
+                 "train_seed", "matcher"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     if args.train_iterations:
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--synthetic-unlabelled", choices=["unreliable", "ignored"],
                    help="what a render's unlabelled keypoints teach the reliability head: unreliable (the "
                         "paper, default) or ignored (left out of the reliability loss)")
+    b.add_argument("--synthesis-renderer", choices=["nerfacto", "rgbd-warp"],
+                   help="what renders the novel views: nerfacto (default, the method) or rgbd-warp (forward-warps "
+                        "the mapping frames' RGB-D images; needs depth, no training, full resolution)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"])
     b.add_argument("--seed", type=int)
     b.add_argument("--train-seed", type=int,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ def ros_loopback_env() -> dict[str, str]:
 def run_demo(work: Path, quick: bool = False) -> int:
     from offline.build import build_map, profile_config
     from offline.demo_scene import write_demo_bag
+    from offline.node_process import LocalizerNodeProcess
     from offline.replay import replay
     from offline.sources import BagSourceOptions, open_source
 
@@ -69,20 +68,12 @@ def run_demo(work: Path, quick: bool = False) -> int:
     summary = build_map(mapping, map_dir, config, work_dir=work / "map.work", query_frames=None)
     print("\n".join(summary.lines()))
 
-    node = subprocess.Popen(
-        [sys.executable, "-m", "d2s_nerf_ros.node", "--ros-args", "-p", f"map_path:={map_dir}",
-         "-p", "device:=cpu", "-p", "publish_tf:=true"],
-        env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Straight to node.log: a pipe read only once the replay is over could fill up and stall the node.
+    node = LocalizerNodeProcess({"map_path": str(map_dir), "device": "cpu", "publish_tf": True}, work / "node.log")
     try:
         result = replay(queries, work / "replay", rate_hz=1.0, timeout_s=60.0)
     finally:
-        node.send_signal(signal.SIGINT)
-        try:
-            out, _ = node.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            out, _ = node.communicate()
-        (work / "node.log").write_text(out or "")
+        node.stop(timeout_s=20)
     minutes = (time.perf_counter() - t_start) / 60
     print("\n[demo] localisation of held-out frames through the ROS 2 node:")
     print(json.dumps(result, indent=1))

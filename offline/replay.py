@@ -64,8 +64,21 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
 
 
-class _Collector:
-    """Poses and diagnostics arriving on the executor thread, read by the sending thread."""
+class PoseCollector:
+    """What a localizer node sends back, for a ROS subscriber to fill and another thread to read.
+
+    Subscribe ``on_pose`` to the node's ``PoseWithCovarianceStamped`` topic and ``on_diagnostics``
+    to ``/diagnostics``; they run on the executor's thread, so read the fields under ``lock``:
+
+    - ``poses``: image stamp (ns) -> (4x4 pose, wall-clock ns when it arrived, 6x6 covariance as
+      36 floats), so each pose is matched to the frame it answers;
+    - ``diagnostics``: the key/values of the newest status named ``diagnostic_name`` (None before
+      the first), and ``diagnostics_count``, how many such statuses arrived;
+    - ``counter(key)``: one integer diagnostics value, None while absent or not an integer.
+
+    ``lock`` may be replaced by a ``threading.Condition`` in a subclass that wants to wake a
+    waiting thread on each arrival.
+    """
 
     def __init__(self, diagnostic_name: str) -> None:
         self.lock = threading.Lock()
@@ -145,7 +158,7 @@ def replay(
 
     context = Context()
     rclpy.init(context=context)
-    collector = _Collector(DIAGNOSTIC_NAME)
+    collector = PoseCollector(DIAGNOSTIC_NAME)
     executor = None
     spin_thread = None
     try:

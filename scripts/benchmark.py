@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from offline.node_process import LocalizerNodeProcess, localizer_node_command
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH_MD = REPO / "docs" / "BENCHMARKS.md"
 
@@ -191,8 +193,8 @@ ABLATION_VARIANTS = ("none", "matches", "depth", "both")
 
 
 def heldout_render_psnr(work_dir: Path, data: str, map_dir: Path, query_every: int, n_frames: int,
-                        render_fraction: float) -> dict:
-    """PSNR of the NeRF's renders at real poses it never saw (held-out frames of the sequence)."""
+                        render_fraction: float, renderer_kind: str = "nerfacto") -> dict:
+    """PSNR of the renderer's views at real poses it never saw (held-out frames of the sequence)."""
     import numpy as np
 
     from offline.nerf.renderer import NerfactoRenderer, render_psnr
@@ -203,7 +205,12 @@ def heldout_render_psnr(work_dir: Path, data: str, map_dir: Path, query_every: i
     frameset = open_source(Path(data), work_dir / "psnr_source", SourceOptions())
     held_out = [f for f in frameset.frames if f.name not in map_names][::query_every]
     picks = [held_out[i] for i in np.linspace(0, len(held_out) - 1, min(n_frames, len(held_out))).round().astype(int)]
-    renderer = NerfactoRenderer(work_dir / "synthesis" / "nerf", device="cpu")
+    if renderer_kind == "rgbd-warp":
+        from offline.synthesis.rgbd_warp import RGBDWarpRenderer
+
+        renderer = RGBDWarpRenderer([f for f in frameset.frames if f.name in map_names])
+    else:
+        renderer = NerfactoRenderer(work_dir / "synthesis" / "nerf", device="cpu")
     return render_psnr(renderer, picks, resolution_fraction=render_fraction)
 
 
@@ -220,7 +227,8 @@ def bench_ablation(args) -> None:
 
     # Options away from the build's defaults name their maps, summaries and section, so runs with
     # other settings sit beside the default ones (the work directory, and so the NeRF, is shared).
-    synthesis_tag = ((f"_ratio{args.synthetic_ratio}" if args.synthetic_ratio is not None else "")
+    synthesis_tag = ((f"_{args.synthesis_renderer}" if args.synthesis_renderer != "nerfacto" else "")
+                     + (f"_ratio{args.synthetic_ratio}" if args.synthetic_ratio is not None else "")
                      + (f"_unlabelled-{args.synthetic_unlabelled}" if args.synthetic_unlabelled else ""))
     seed_tag = f"_trainseed{args.train_seed}" if args.train_seed is not None else ""
     summary_tag = synthesis_tag + seed_tag
@@ -241,6 +249,8 @@ def bench_ablation(args) -> None:
                 cmd += ["--synthesis-max-poses", str(args.synthesis_max_poses)]
             if variant != "none" and args.synthetic_ratio is not None:
                 cmd += ["--synthetic-ratio", str(args.synthetic_ratio)]
+            if variant != "none" and args.synthesis_renderer != "nerfacto":
+                cmd += ["--synthesis-renderer", args.synthesis_renderer]
             if variant != "none" and args.synthetic_unlabelled:
                 cmd += ["--synthetic-unlabelled", args.synthetic_unlabelled]
             if args.train_seed is not None:
@@ -263,7 +273,8 @@ def bench_ablation(args) -> None:
                 size = syn.get("render_size") or [None]
                 cam_w = manifest.get("camera", {}).get("width")
                 frac = (size[0] / cam_w) if size[0] and cam_w else 0.25
-                out["psnr"] = heldout_render_psnr(work, args.data, map_dir, args.query_every, args.psnr_frames, frac)
+                out["psnr"] = heldout_render_psnr(work, args.data, map_dir, args.query_every, args.psnr_frames, frac,
+                                                  args.synthesis_renderer)
                 out["psnr"]["render_fraction"] = frac
             out["variants"][variant] = entry
             (runs / f"{tag}{summary_tag}_summary.json").write_text(json.dumps(out, indent=1))
@@ -297,6 +308,7 @@ def bench_ablation(args) -> None:
                + (f" --synthesis-max-poses {args.synthesis_max_poses}" if args.synthesis_max_poses else "")
                + (f" --synthetic-ratio {args.synthetic_ratio}" if args.synthetic_ratio is not None else "")
                + (f" --synthetic-unlabelled {args.synthetic_unlabelled}" if args.synthetic_unlabelled else "")
+               + (f" --synthesis-renderer {args.synthesis_renderer}" if args.synthesis_renderer != "nerfacto" else "")
                + (f" --train-seed {args.train_seed}" if args.train_seed is not None else ""))
     lines = [
         "## NeRF descriptor synthesis ablation (RedKitchen, sparse mapping)",
@@ -349,12 +361,18 @@ def bench_ablation(args) -> None:
             nerf = syn.get("nerf", {})
             psnr = s.get("psnr", {})
             hist = syn.get("match_count_histogram", {})
-            lines.append(
-                f"- NeRF (reduced nerfacto, {nerf.get('iterations', '?')} iterations): "
-                f"{nerf.get('train_seconds', 0) / 60:.1f} min, {nerf.get('seconds_per_iteration', float('nan')):.2f} s/iteration, "
-                f"train PSNR {nerf.get('final_train_psnr') or float('nan'):.1f} dB; held-out real poses "
-                f"({psnr.get('n', 0)} frames at {psnr.get('render_fraction', 0):.2f} resolution): PSNR median "
-                f"{psnr.get('psnr_median', float('nan')):.1f} dB, mean {psnr.get('psnr_mean', float('nan')):.1f} dB")
+            heldout = (f"held-out real poses ({psnr.get('n', 0)} frames at {psnr.get('render_fraction', 0):.2f} "
+                       f"resolution): PSNR median {psnr.get('psnr_median', float('nan')):.1f} dB, mean "
+                       f"{psnr.get('psnr_mean', float('nan')):.1f} dB"
+                       + (f", {100 * psnr['coverage_mean']:.0f} % of pixels covered" if "coverage_mean" in psnr else ""))
+            if syn.get("renderer", "nerfacto") == "nerfacto":
+                lines.append(
+                    f"- NeRF (reduced nerfacto, {nerf.get('iterations', '?')} iterations): "
+                    f"{nerf.get('train_seconds', 0) / 60:.1f} min, {nerf.get('seconds_per_iteration', float('nan')):.2f} s/iteration, "
+                    f"train PSNR {nerf.get('final_train_psnr') or float('nan'):.1f} dB; " + heldout)
+            else:
+                lines.append(f"- renderer `{syn['renderer']}` (the 2 nearest RGB-D mapping frames warped into each "
+                             f"view, no training); " + heldout)
             lines.append(
                 f"- renders: {syn.get('n_poses_before_cap', '?')} novel poses, {syn.get('n_poses', '?')} rendered at "
                 f"{'×'.join(map(str, syn.get('render_size') or []))} ({syn.get('render_seconds_mean') or float('nan'):.1f} s each), "
@@ -421,41 +439,17 @@ def shown_command(args, subcommand: str, always: tuple[str, ...] = ()) -> str:
     return shlex.join(parts)
 
 
-class NodeUnderTest:
-    """``python -m d2s_nerf_ros.node`` as a child process (its own PID, so /proc gives its RSS and CPU time)."""
+class NodeUnderTest(LocalizerNodeProcess):
+    """``python -m d2s_nerf_ros.node`` as a child process (its own PID, so /proc gives its RSS and CPU time);
+    stdout and stderr together in ``log_path``."""
 
     def __init__(self, params: dict[str, object], log_path: Path, env: dict[str, str]) -> None:
-        self.params = dict(params)
-        self.command = [sys.executable, "-m", "d2s_nerf_ros.node", "--ros-args"]
-        for name, value in params.items():
-            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-            self.command += ["-p", f"{name}:={text}"]
+        print("$", shlex.join(localizer_node_command(params)), flush=True)
+        super().__init__(params, log_path, env=env, cwd=REPO)
         self.log_path = log_path
-        self._log = open(log_path, "wb")
-        print("$", shlex.join(self.command), flush=True)
-        self.proc = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
     def log_tail(self, chars: int = 2000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGINT (a clean ROS shutdown), SIGKILL if it does not go; returns the exit status."""
-        import signal
-
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGINT)
-                try:
-                    self.proc.wait(timeout=timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
-            return self.proc.returncode
-        finally:
-            self._log.close()
 
 
 class FrameDriver:
@@ -477,9 +471,9 @@ class FrameDriver:
         from sensor_msgs.msg import CameraInfo, Image
 
         from d2s_nerf_ros.node import DIAGNOSTIC_NAME
-        from offline.replay import _Collector
+        from offline.replay import PoseCollector
 
-        class Collector(_Collector):
+        class Collector(PoseCollector):
             """The replay tool's collector, waking the sender as soon as anything arrives."""
 
             def __init__(self) -> None:
@@ -524,7 +518,7 @@ class FrameDriver:
         deadline = time.monotonic() + timeout_s
         while True:
             if not node.alive():
-                raise RuntimeError(f"the localizer node exited with status {node.proc.returncode}:\n{node.log_tail()}")
+                raise RuntimeError(f"the localizer node exited with status {node.returncode}:\n{node.log_tail()}")
             with self.collector.lock:
                 diagnostics = self.collector.diagnostics
             if (diagnostics is not None and self.image_pub.get_subscription_count() > 0
@@ -647,10 +641,10 @@ def bench_node_latency(args) -> None:
         driver = FrameDriver()
         driver.wait_ready(node)
         startup_s = time.monotonic() - t_start
-        rss_start = proc_rss_kib(node.proc.pid)
+        rss_start = proc_rss_kib(node.pid)
         driver.prime_camera_info(image_and_info_msgs(queries[0].load_rgb(), queries[0].camera)[1])
         base = driver.counters()
-        cpu0 = proc_cpu_s(node.proc.pid)
+        cpu0 = proc_cpu_s(node.pid)
         next_send = time.monotonic()
         for i, frame in enumerate(queries):
             image_msg, info_msg = image_and_info_msgs(frame.load_rgb(), frame.camera)
@@ -668,8 +662,8 @@ def bench_node_latency(args) -> None:
                   flush=True)
             # The next frame no sooner than 1/rate after this one and an idle gap after its answer.
             next_send = max(sent_mono + 1.0 / args.rate, time.monotonic() + args.gap)
-        cpu_s = proc_cpu_s(node.proc.pid) - cpu0
-        rss_end = proc_rss_kib(node.proc.pid)
+        cpu_s = proc_cpu_s(node.pid) - cpu0
+        rss_end = proc_rss_kib(node.pid)
         time.sleep(1.5)  # one more diagnostics message after the last frame
         counters, diag = driver.counters(), driver.diagnostics()
     finally:
@@ -848,8 +842,8 @@ def bench_soak(args) -> None:
         t0 = time.monotonic()
 
         def sample(frame_index: int) -> None:
-            samples.append({"frame": frame_index, "rss_mib": proc_rss_kib(node.proc.pid) / 1024,
-                            "cpu_s": proc_cpu_s(node.proc.pid), "t_s": time.monotonic() - t0})
+            samples.append({"frame": frame_index, "rss_mib": proc_rss_kib(node.pid) / 1024,
+                            "cpu_s": proc_cpu_s(node.pid), "t_s": time.monotonic() - t0})
 
         sample(0)
         for i in range(args.frames):
@@ -1019,6 +1013,9 @@ def main() -> None:
                    help="share of synthetic images per training batch for the synthesis variants (build default 0.5)")
     a.add_argument("--synthetic-unlabelled", choices=["unreliable", "ignored"],
                    help="what renders' unlabelled keypoints teach the reliability head (build default: unreliable)")
+    a.add_argument("--synthesis-renderer", choices=["nerfacto", "rgbd-warp"], default="nerfacto",
+                   help="rgbd-warp: novel views warped from the RGB-D mapping frames (sharp, no NeRF), to tell "
+                        "synthesis's effect apart from render quality")
     a.add_argument("--train-seed", type=int,
                    help="seed of the D2S training alone, every variant (NeRF, renders and the other stages stay)")
     a.add_argument("--report-only", action="store_true",

@@ -19,9 +19,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -31,6 +28,8 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 import pytest
+
+from offline.node_process import LocalizerNodeProcess
 
 pytestmark = pytest.mark.dds
 
@@ -49,53 +48,14 @@ def textured_image(width: int = 640, height: int = 480, seed: int = 0) -> np.nda
     return cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
-def param_arg(name: str, value: Any) -> list[str]:
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, str) and value == "":
-        text = "''"
-    else:
-        text = str(value)
-    return ["-p", f"{name}:={text}"]
-
-
-class NodeProcess:
-    """``python -m d2s_nerf_ros.node`` with parameters; stdout/stderr go to files."""
+class NodeProcess(LocalizerNodeProcess):
+    """``python -m d2s_nerf_ros.node`` with parameters; stdout and stderr go to ``<label>.stdout|.stderr`` in ``log_dir``."""
 
     def __init__(self, log_dir: Path, params: dict[str, Any], label: str = "localizer") -> None:
-        self.params = dict(params)
-        args = [sys.executable, "-m", "d2s_nerf_ros.node", "--ros-args"]
-        for name, value in params.items():
-            args += param_arg(name, value)
-        self.stdout_path = log_dir / f"{label}.stdout"
-        self.stderr_path = log_dir / f"{label}.stderr"
-        self._out = open(self.stdout_path, "wb")
-        self._err = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(args, cwd=REPO_ROOT, stdout=self._out, stderr=self._err, env=os.environ.copy())
+        super().__init__(params, log_dir / f"{label}.stdout", log_dir / f"{label}.stderr", cwd=REPO_ROOT)
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGINT (a clean ROS shutdown), then SIGKILL if it does not go."""
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGINT)
-                try:
-                    self.proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
-            return self.proc.returncode
-        finally:
-            self._out.close()
-            self._err.close()
 
 
 class Probe:
@@ -181,7 +141,7 @@ class Probe:
 
         def ready() -> bool:
             if not node.alive():
-                raise AssertionError(f"the node exited with {node.proc.returncode}: {node.stderr()}")
+                raise AssertionError(f"the node exited with {node.returncode}: {node.stderr()}")
             # Diagnostics from this very node (its map), not from one that is still shutting down.
             with self.lock:
                 own = any(status.hardware_id == str(node.params.get("map_path")) for _, _, status in self.diagnostics)

@@ -123,7 +123,7 @@ def render_psnr(renderer: Renderer, frames: Sequence[Frame], resolution_fraction
     """PSNR of renders against real images at the frames' poses (e.g. held-out frames)."""
     import cv2
 
-    values = []
+    values, coverage = [], []
     for f in frames:
         cam = f.camera
         if resolution_fraction != 1.0:
@@ -132,7 +132,12 @@ def render_psnr(renderer: Renderer, frames: Sequence[Frame], resolution_fraction
         real = f.load_rgb()
         if (cam.width, cam.height) != (real.shape[1], real.shape[0]):
             real = cv2.resize(real, (cam.width, cam.height), interpolation=cv2.INTER_AREA)
-        values.append(psnr(renderer.render(f.T_world_cam, cam).rgb, real))
+        result = renderer.render(f.T_world_cam, cam)
+        values.append(psnr(result.rgb, real))
+        coverage.append(float(np.mean(result.accumulation > 0.5)))
     arr = np.asarray(values, dtype=np.float64)
+    # Coverage: the share of pixels the renderer claims (accumulation > 0.5); a warp renderer's
+    # holes count as errors in the PSNR, and this says how many there were.
     return {"n": len(values), "psnr_mean": float(arr.mean()) if len(arr) else float("nan"),
-            "psnr_median": float(np.median(arr)) if len(arr) else float("nan")}
+            "psnr_median": float(np.median(arr)) if len(arr) else float("nan"),
+            "coverage_mean": float(np.mean(coverage)) if coverage else float("nan")}
