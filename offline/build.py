@@ -51,7 +51,10 @@ class BuildConfig:
     model_head_dims: tuple[int, ...] = (512, 1024, 1024, 512)  # D2S regression head (the paper's)
     synthesis: bool = True
     synthetic_labels: str = "matches"   # "matches" | "depth" | "both"
-    synthetic_ratio: float = 0.5
+    # 0.2, not 0.5: on RedKitchen (20 and 10 frames, fast profile) 0.5 made synthesis cost 9-11 % of
+    # accuracy and 0.2 gained 12-15 % (docs/BENCHMARKS.md): half of every batch synthetic crowds
+    # the real labels out of a fixed training budget.
+    synthetic_ratio: float = 0.2
     synthetic_unlabelled: str = "unreliable"  # a render's unlabelled keypoints: "unreliable" | "ignored" (reliability loss)
     synthesis_renderer: str = "nerfacto"      # SYNTHESIS_RENDERERS: nerfacto (the method) | rgbd-warp (needs depth)
     nerf_iterations: int = 1500

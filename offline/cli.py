@@ -243,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--synthesis-keep-fraction", type=float,
                    help="keep a render with at least this fraction of --max-keypoints LightGlue matches to its "
                         "reference frame (fast 0.06, paper 0.12)")
-    b.add_argument("--synthesis-max-poses", type=int, help="render at most this many novel views (fast 150)")
+    b.add_argument("--synthesis-max-poses", type=int, help="render at most this many novel views (fast 60)")
     b.add_argument("--synthetic-ratio", type=float,
-                   help="fraction of each training batch's images drawn from the synthetic views (default 0.5)")
+                   help="fraction of each training batch's images drawn from the synthetic views (default 0.2)")
     b.add_argument("--synthetic-unlabelled", choices=["unreliable", "ignored"],
                    help="what a render's unlabelled keypoints teach the reliability head: unreliable (the "
                         "paper, default) or ignored (left out of the reliability loss)")

@@ -58,7 +58,7 @@ class D2STrainConfig:
     reprojection_weight: float = 1.0
     reprojection_tau_max_px: float = 50.0
     reprojection_tau_min_px: float = 1.0
-    synthetic_ratio: float = 0.5
+    synthetic_ratio: float = 0.2  # share of each batch drawn from synthetic images (see BuildConfig)
     # What a synthetic image's unlabelled keypoints teach the reliability head. "unreliable" (the
     # paper): reliability target 0, like a real keypoint without a 3D point. "ignored": no
     # reliability loss at all. A render's keypoint is usually unlabelled because the render matched

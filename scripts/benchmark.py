@@ -332,8 +332,8 @@ def bench_ablation(args) -> None:
     lines += [
         "",
         "| mapping frames | synthesis labels | median t | median R | 5 cm / 5° | 10 cm / 10° | Δ median t vs none "
-        "| renders made / kept | synthetic labelled keypoints |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| renders made / kept | synthetic labelled keypoints | synthetic share of batches |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         base = s["variants"].get("none", {}).get("results", {}).get("median_translation_m")
@@ -343,8 +343,12 @@ def bench_ablation(args) -> None:
             delta = "—" if variant == "none" or base in (None, 0) or mt is None else f"{100 * (mt - base) / base:+.0f} %"
             made = f"{syn.get('n_poses', 0)} / {syn.get('n_kept', 0)}" if variant != "none" else "—"
             kps = str(syn.get("n_valid_keypoints", "—")) if variant != "none" else "—"
+            # What the training actually used (from the map's manifest), whatever the build's default was then.
+            share = e.get("training", {}).get("config", {}).get("synthetic_ratio")
+            share = f"{share:g}" if variant != "none" and share is not None else "—"
             lines.append(f"| {e['n_frames']} | {variant} | {fmt_m(mt)} | {fmt_deg(r['median_rotation_deg'])} | "
-                         f"{fmt_pct(r['recall_5cm_5deg'])} | {fmt_pct(r['recall_10cm_10deg'])} | {delta} | {made} | {kps} |")
+                         f"{fmt_pct(r['recall_5cm_5deg'])} | {fmt_pct(r['recall_10cm_10deg'])} | {delta} | {made} | {kps} "
+                         f"| {share} |")
     lines.append("")
     for s in summaries:
         syn_variant = next((e for v, e in s["variants"].items() if v != "none"), None)
@@ -1010,7 +1014,7 @@ def main() -> None:
     a.add_argument("--synthesis-max-poses", type=int,
                    help="render at most this many novel views per fraction (default: the fast profile's)")
     a.add_argument("--synthetic-ratio", type=float,
-                   help="share of synthetic images per training batch for the synthesis variants (build default 0.5)")
+                   help="share of synthetic images per training batch for the synthesis variants (build default 0.2)")
     a.add_argument("--synthetic-unlabelled", choices=["unreliable", "ignored"],
                    help="what renders' unlabelled keypoints teach the reliability head (build default: unreliable)")
     a.add_argument("--synthesis-renderer", choices=["nerfacto", "rgbd-warp"], default="nerfacto",

@@ -63,7 +63,7 @@ def synthesis_config_for_profile(profile: str, labels: str = "matches", nerf_ite
                                  seed: int = 0, device: str = "auto", max_keypoints: int | None = None,
                                  keep_fraction: float | None = None, max_poses: int | None = None,
                                  cpu_threads: int | None = None) -> SynthesisConfig:
-    """``fast``: reduced nerfacto, renders at 1/4 resolution, at most 150 novel views, keep
+    """``fast``: reduced nerfacto, renders at 1/4 resolution, at most 60 novel views, keep
     threshold 6 % of the keypoint budget; ``paper``: nerfacto defaults, full resolution, every
     novel view, the paper's threshold (500 of 4096 keypoints, ~12 %).
 
@@ -82,7 +82,9 @@ def synthesis_config_for_profile(profile: str, labels: str = "matches", nerf_ite
         nerf=nerf,
         poses=NovelPoseConfig(k_neighbours=2, samples_per_pair=10),
         render_fraction=0.25 if profile == "fast" else 1.0,
-        max_poses=max_poses if max_poses is not None else (150 if profile == "fast" else None),
+        # 60, not 150: on RedKitchen (20 frames) 150 views (88 kept) trained no better than 60 (36
+        # kept) and cost 9 more minutes of rendering and matching on 2 CPU cores (docs/BENCHMARKS.md).
+        max_poses=max_poses if max_poses is not None else (60 if profile == "fast" else None),
         filter=FilterConfig(keep_fraction=keep_fraction if keep_fraction is not None
                             else (0.06 if profile == "fast" else 0.12)),
         labels=SyntheticLabelConfig(mode=labels),
