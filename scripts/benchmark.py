@@ -190,6 +190,7 @@ def bench_core(args) -> None:
 # --------------------------------------------------------------------------- synthesis ablation
 
 ABLATION_VARIANTS = ("none", "matches", "depth", "both")
+ABLATION_TRAIN_ITERATIONS = 3000  # the fast profile's; another budget tags its maps and section
 
 
 def heldout_render_psnr(work_dir: Path, data: str, map_dir: Path, query_every: int, n_frames: int,
@@ -230,7 +231,8 @@ def bench_ablation(args) -> None:
     synthesis_tag = ((f"_{args.synthesis_renderer}" if args.synthesis_renderer != "nerfacto" else "")
                      + (f"_ratio{args.synthetic_ratio}" if args.synthetic_ratio is not None else "")
                      + (f"_unlabelled-{args.synthetic_unlabelled}" if args.synthetic_unlabelled else ""))
-    seed_tag = f"_trainseed{args.train_seed}" if args.train_seed is not None else ""
+    seed_tag = ((f"_trainseed{args.train_seed}" if args.train_seed is not None else "")
+                + (f"_it{args.train_iterations}" if args.train_iterations != ABLATION_TRAIN_ITERATIONS else ""))
     summary_tag = synthesis_tag + seed_tag
 
     def one_fraction(fraction: float) -> dict:
@@ -1006,7 +1008,7 @@ def main() -> None:
     a.add_argument("--fractions", type=float, nargs="+", default=[0.04, 0.02])
     a.add_argument("--variants", nargs="+", choices=ABLATION_VARIANTS, default=list(ABLATION_VARIANTS))
     a.add_argument("--extractor", default="aliked")
-    a.add_argument("--train-iterations", type=int, default=3000)  # the fast profile's budget
+    a.add_argument("--train-iterations", type=int, default=ABLATION_TRAIN_ITERATIONS)  # the fast profile's budget
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--query-every", type=int, default=12)
     a.add_argument("--psnr-frames", type=int, default=8)
