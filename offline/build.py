@@ -423,7 +423,8 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
     # a failure anywhere leaves either the previous map or none there, never one without a report.
     from offline.report import write_report
 
-    staged = bundle.save(work_dir / STAGED_BUNDLE)
+    # Named after OUT: builds of other maps that share this work directory stage beside it.
+    staged = bundle.save(work_dir / f"{STAGED_BUNDLE}-{out.name}")
     report = write_report(staged, work_dir / "report.html", frames, real, history, synthesis_stats,
                           query_frames=query_frames, map_name=out.name)
     bundle.add_file("report.html", report)
