@@ -381,8 +381,10 @@ def bench_ablation(args) -> None:
                              f"view, no training); " + heldout)
             lines.append(
                 f"- renders: {syn.get('n_poses_before_cap', '?')} novel poses, {syn.get('n_poses', '?')} rendered at "
-                f"{'×'.join(map(str, syn.get('render_size') or []))} ({syn.get('render_seconds_mean') or float('nan'):.1f} s each), "
-                f"kept {syn.get('n_kept', '?')} with ≥ {syn.get('keep_threshold', '?')} LightGlue matches "
+                f"{'×'.join(map(str, syn.get('render_size') or []))} "
+                + (f"({syn['render_seconds_mean']:.1f} s each), " if syn.get("render_seconds_mean") else
+                   "(all from the render cache of an earlier run), ")
+                + f"kept {syn.get('n_kept', '?')} with ≥ {syn.get('keep_threshold', '?')} LightGlue matches "
                 f"(median {syn.get('match_count_median', float('nan')):.0f}); match-count histogram "
                 f"{list(zip([round(e) for e in hist.get('bin_edges', [])[:-1]], hist.get('counts', [])))} (bin start, renders)")
             lines.append(f"- synthesis stage times: {', '.join(f'{k[:-2]} {v:.0f} s' for k, v in st.items() if k.endswith('_s'))}")
