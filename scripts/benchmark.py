@@ -240,6 +240,17 @@ def bench_ablation(args) -> None:
         work = runs / f"{tag}.work"
         log = runs / f"{tag}.log"
         out: dict = {"fraction": fraction, "variants": {}}
+        summary_path = runs / f"{tag}{summary_tag}_summary.json"
+        if summary_path.exists():
+            # Variants an earlier run with the same settings measured stay in the summary (and the
+            # section): a run of one more label mode adds a row instead of replacing the table.
+            try:
+                earlier = json.loads(summary_path.read_text())
+                out["variants"] = {v: e for v, e in earlier.get("variants", {}).items() if v not in variants}
+                if "psnr" in earlier:
+                    out["psnr"] = earlier["psnr"]
+            except (json.JSONDecodeError, AttributeError):
+                pass
         for variant in variants:
             variant_tag = (synthesis_tag if variant != "none" else "") + seed_tag
             map_dir = runs / f"{tag}_{variant}{variant_tag}"
@@ -279,7 +290,8 @@ def bench_ablation(args) -> None:
                                                   args.synthesis_renderer)
                 out["psnr"]["render_fraction"] = frac
             out["variants"][variant] = entry
-            (runs / f"{tag}{summary_tag}_summary.json").write_text(json.dumps(out, indent=1))
+            out["variants"] = {v: out["variants"][v] for v in sorted(out["variants"], key=ABLATION_VARIANTS.index)}
+            summary_path.write_text(json.dumps(out, indent=1))
         return out
 
     if args.report_only:
@@ -331,6 +343,10 @@ def bench_ablation(args) -> None:
     ]
     if missing:
         lines.append(f"- **Not finished in this run** (fraction: variant): {', '.join(missing)}")
+    earlier = sorted({v for s in summaries for v in s["variants"] if v not in variants}, key=ABLATION_VARIANTS.index)
+    if earlier:
+        lines.append(f"- Rows `{'`, `'.join(earlier)}`: from an earlier run of this command with the same settings "
+                     "and other `--variants` (kept in the saved summary), not rerun here.")
     lines += [
         "",
         "| mapping frames | synthesis labels | median t | median R | 5 cm / 5° | 10 cm / 10° | Δ median t vs none "
