@@ -471,11 +471,7 @@ def _run_synthesis_stage(runner: StageRunner, frames, real, extractor, config: B
     if config.synthesis_renderer == "rgbd-warp":
         from offline.synthesis.rgbd_warp import RGBDWarpRenderer
 
-        missing = [f.name for f in frames if f.depth_path is None]
-        if missing:
-            raise ValueError(f"--synthesis-renderer rgbd-warp needs depth for every mapping frame; "
-                             f"none for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        renderers = [RGBDWarpRenderer(frames)]
+        renderers = [RGBDWarpRenderer(frames)]  # refuses, naming them, mapping frames without depth
         # Warping real pixels costs milliseconds: render at the camera's full resolution. Its own
         # stage directory keeps the NeRF and its renders cached beside it.
         syn_cfg.render_fraction = 1.0
