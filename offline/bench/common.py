@@ -1,0 +1,143 @@
+"""What every benchmark shares: the machine line, load sampling, running a d2s-nerf command,
+number formats and the writer of docs/BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH_MD = REPO / "docs" / "BENCHMARKS.md"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "7scenes_redkitchen"
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return f"{os.cpu_count()} cores of {cpu}, {gpu}"
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+LOAD_SAMPLES: list[float] = []
+
+
+def run(cmd: list[str], log_path: Path) -> float:
+    """Run a d2s-nerf command, tee its output to a log; returns wall seconds. Samples the
+    1-minute load average before and after: timings on a shared machine need it."""
+    import threading
+
+    print("$", shlex.join(cmd), flush=True)
+    LOAD_SAMPLES.append(load_average())
+    done = threading.Event()
+
+    def sample_load() -> None:  # a long build's load is not its start's and end's
+        while not done.wait(30.0):
+            LOAD_SAMPLES.append(load_average())
+
+    sampler = threading.Thread(target=sample_load, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    try:
+        with open(log_path, "a") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    finally:
+        done.set()
+    secs = time.perf_counter() - t0
+    LOAD_SAMPLES.append(load_average())
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}), see {log_path}: {shlex.join(cmd)}")
+    return secs
+
+
+def d2s_nerf() -> list[str]:
+    return [sys.executable, "-m", "offline.cli"]
+
+
+def fmt_m(v) -> str:
+    return "failed" if v is None else f"{100 * v:.1f} cm"
+
+
+def fmt_deg(v) -> str:
+    return "failed" if v is None else f"{v:.2f}°"
+
+
+def fmt_pct(v) -> str:
+    return f"{100 * v:.0f} %"
+
+
+def write_section(name: str, body: str, path: Path | str = BENCH_MD) -> None:
+    """Replace the section ``name`` (between its BEGIN/END markers) of the markdown file ``path``
+    with ``body``, or append it; the rest of the file is kept byte for byte."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery number here was written by `scripts/benchmark.py`; rerun it to refresh a section.\n"
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def results_row(label: str, res: dict) -> str:
+    lat = res.get("latency_ms", {}).get("total", {})
+    return (f"| {label} | {res['n_queries']} | {res['n_failed']} | {fmt_m(res['median_translation_m'])} | "
+            f"{fmt_deg(res['median_rotation_deg'])} | {fmt_pct(res['recall_5cm_5deg'])} | {fmt_pct(res['recall_10cm_10deg'])} | "
+            f"{lat.get('p50', float('nan')):.0f} / {lat.get('p90', float('nan')):.0f} |")
+
+
+TABLE_HEAD = ("| method | queries | failed | median t | median R | 5 cm / 5° | 10 cm / 10° | latency p50 / p90 ms |\n"
+              "|---|---|---|---|---|---|---|---|")
+
+
+def percentile(values, q: float) -> float | None:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
+
+
+def fmt_ms(v) -> str:
+    return "n/a" if v is None else f"{v:.0f} ms"
+
+
+def shown_command(args, subcommand: str, always: tuple[str, ...] = ()) -> str:
+    """The exact command line of this run: the options that differ from their defaults, and ``always``."""
+    parts = [".venv/bin/python", "scripts/benchmark.py", subcommand]
+    for dest, value in vars(args).items():
+        if dest in ("func", "parser", "which") or (value == args.parser.get_default(dest) and dest not in always):
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(value, bool):
+            parts += [flag] if value else []
+        elif value is not None:
+            shown = os.path.relpath(value, REPO) if isinstance(value, str) and value.startswith(str(REPO) + os.sep) else value
+            parts += [flag, f"{shown:g}" if isinstance(shown, float) else str(shown)]
+    return shlex.join(parts)
+
+
