@@ -7,7 +7,6 @@ features, matches and labels.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -17,7 +16,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from d2s_nerf_ros.camera import CameraIntrinsics
 from offline.labelled import LabelledImage, load_labelled, save_labelled
 from offline.sources.frames import Frame, FrameSet, even_indices
 from offline.stages import StageRunner, fingerprint, to_jsonable, write_json_atomic
@@ -194,16 +192,6 @@ def _load_features(path: Path) -> dict[str, Any]:
     return out
 
 
-def extract_features_stage(frames: list[Frame], extractor, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    feats = {}
-    for frame in tqdm(frames, desc="features", disable=not progress):
-        feats[frame.name] = extractor.extract(frame.load_rgb())
-    _save_features(out_dir / "features.npz", feats)
-    return feats
-
-
 def _save_matches(path: Path, matches: dict[tuple[str, str], np.ndarray]) -> None:
     arrays = {"count": np.array(len(matches))}
     for i, ((a, b), m) in enumerate(matches.items()):
@@ -252,7 +240,62 @@ def merge_labels(primary: tuple[np.ndarray, np.ndarray], secondary: tuple[np.nda
     return pts, pv | sv
 
 
-# --------------------------------------------------------------------------- build
+# --------------------------------------------------------------------------- the pipeline
+#
+# ``build_map`` is the sequence features -> labels -> augmentation -> synthesis -> training -> bundle.
+# Each stage is a function of its inputs and the BuildConfig, owns its cache key (its inputs' keys
+# and the settings that change its output) and runs through the StageRunner, which skips it when
+# the work directory already holds its output for that key.
+
+@dataclass
+class MappingFrames:
+    frames: list[Frame]
+    key: str  # names, poses and cameras: what every later key starts from
+
+
+@dataclass
+class ExtractedFeatures:
+    by_name: dict[str, Any]  # frame name -> d2s_nerf_ros.features.base.Features
+    key: str
+
+
+@dataclass
+class RealLabels:
+    images: list[LabelledImage]  # one per mapping frame, its keypoints labelled with 3D points
+    mode: str                    # the resolved label mode
+    key: str
+
+    @property
+    def n_labelled(self) -> int:
+        return int(sum(im.n_valid for im in self.images))
+
+
+@dataclass
+class Augmentation:
+    images: list[LabelledImage]
+    config: Any  # offline.augment.AugmentConfig; part of the training key even when no copies are made
+
+
+@dataclass
+class Synthesis:
+    images: list[LabelledImage]
+    stats: dict[str, Any]  # "key" is the stage's cache key when synthesis ran
+
+    @property
+    def key(self) -> str | None:
+        return self.stats.get("key")
+
+
+@dataclass
+class Training:
+    model: Any  # d2s_nerf_ros.models.d2s.D2SNet
+    config: Any  # offline.train_d2s.D2STrainConfig
+    history: list[dict[str, Any]]
+
+    @property
+    def final_loss(self) -> float | None:
+        return float(self.history[-1]["loss"]) if self.history else None
+
 
 def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path | None = None,
               log: Callable[[str], None] = print, progress: bool = True,
@@ -260,24 +303,28 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
     """Build a map bundle at ``out`` from posed frames (already selected or selected here)."""
     import torch
 
-    from d2s_nerf_ros.device import resolve_device
     from d2s_nerf_ros.features import make_extractor
-    from d2s_nerf_ros.map_bundle import MapBundle
-    from d2s_nerf_ros.models.d2s import D2SConfig
-    from offline.augment import AugmentConfig, augment_images
-    from offline.depth_labels import depth_labels
-    from offline.matching import make_matcher, match_pairs
-    from offline.pairs import PairsConfig, select_pairs
-    from offline.train_d2s import D2STrainConfig, train_d2s
-    from offline.triangulation import TriangulationConfig, triangulate_labels
 
     config.validate()
     out = Path(out)
     work_dir = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
     runner = StageRunner(work_dir, log=log)
-    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
 
+    mapping = mapping_frames_stage(frameset, config, work_dir)
+    extractor = make_extractor(config.extractor.name, max_keypoints=config.extractor.max_keypoints,
+                               device=config.device, resize_max=config.extractor.resize_max)
+    features = features_stage(runner, mapping, extractor, progress)
+    labels = labels_stage(runner, config, mapping, features, log)
+    augmentation = augmentation_stage(runner, config, mapping, labels, extractor)
+    synthesis = synthesis_stage(runner, config, mapping, labels, extractor, log)
+    training = training_stage(runner, config, labels, augmentation, synthesis, extractor.descriptor_dim, progress)
+    return bundle_stage(runner, config, out, mapping, extractor, labels, augmentation, synthesis, training,
+                        query_frames)
+
+
+def mapping_frames_stage(frameset: FrameSet, config: BuildConfig, work_dir: Path) -> MappingFrames:
+    """The mapping frames (``--fraction``/``--every``), checked, and saved in the work directory."""
     mapping = select_mapping_frames(frameset, config.fraction, config.every)
     frames = list(mapping.frames)
     if len(frames) < 2:
@@ -285,93 +332,175 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
     cameras = {(f.camera.width, f.camera.height) for f in frames}
     if len(cameras) != 1:
         raise ValueError(f"all mapping frames must share one image size, got {sorted(cameras)}")
-    frames_key = fingerprint([(f.name, f.T_world_cam, f.camera.to_dict()) for f in frames])
-    mapping.save(work_dir / "mapping_frames.json")
+    mapping.save(Path(work_dir) / "mapping_frames.json")
+    return MappingFrames(frames, fingerprint([(f.name, f.T_world_cam, f.camera.to_dict()) for f in frames]))
 
-    extractor = make_extractor(config.extractor.name, max_keypoints=config.extractor.max_keypoints,
-                               device=config.device, resize_max=config.extractor.resize_max)
-    feat_key = fingerprint(frames_key, extractor.config())
-    feats = runner.run("features", feat_key,
-                       lambda d: extract_features_stage(frames, extractor, d, progress),
-                       lambda d: _load_features(d / "features.npz"))
 
-    # Labels --------------------------------------------------------------------
+def features_stage(runner: StageRunner, mapping: MappingFrames, extractor, progress: bool = True) -> ExtractedFeatures:
+    """Local features of every mapping frame (``features/features.npz``)."""
+    from tqdm import tqdm
+
+    def compute(d: Path) -> dict[str, Any]:
+        feats = {frame.name: extractor.extract(frame.load_rgb())
+                 for frame in tqdm(mapping.frames, desc="features", disable=not progress)}
+        _save_features(d / "features.npz", feats)
+        return feats
+
+    key = fingerprint(mapping.key, extractor.config())
+    return ExtractedFeatures(runner.run("features", key, compute, lambda d: _load_features(d / "features.npz")), key)
+
+
+def labels_stage(runner: StageRunner, config: BuildConfig, mapping: MappingFrames, features: ExtractedFeatures,
+                 log: Callable[[str], None] = print) -> RealLabels:
+    """A 3D point per keypoint of every mapping frame, where one can be found: triangulated from
+    matches between neighbouring frames (pycolmap), read from depth images, or both."""
+    from offline.pairs import PairsConfig
+    from offline.triangulation import TriangulationConfig
+
+    frames = mapping.frames
     label_mode = resolve_label_mode(config.labels, frames)
     if label_mode != config.labels:
         log(f"labels: {config.labels} -> {label_mode}")
-    need_tri = label_mode in ("triangulation", "both")
-    need_depth = label_mode in ("depth", "both")
-    if need_depth and any(f.depth_path is None for f in frames):
+    if label_mode in ("depth", "both") and any(f.depth_path is None for f in frames):
         raise ValueError(f"labels={label_mode!r} needs depth images, and this source has none; use --labels triangulation")
-
     pairs_cfg = PairsConfig(num_neighbours=config.num_pair_neighbours)
     tri_cfg = TriangulationConfig()
     labels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if need_tri:
-        def compute_matches(d: Path):
-            pairs = select_pairs(frames, pairs_cfg)
-            matcher = make_matcher(config.matcher, config.extractor.name, device=config.device)
-            results = match_pairs(pairs, feats, matcher)
-            matches = {k: v.indices for k, v in results.items()}
-            _save_matches(d / "matches.npz", matches)
-            return matches
+    if label_mode in ("triangulation", "both"):
+        labels = _triangulation_labels(runner, config, frames, features, pairs_cfg, tri_cfg)
+    if label_mode in ("depth", "both"):
+        dlabels = _depth_labels(runner, frames, features)
+        labels = {n: merge_labels(labels[n], dlabels[n]) for n in dlabels} if labels else dlabels
 
-        match_key = fingerprint(feat_key, pairs_cfg, config.matcher)
-        matches = runner.run("matches", match_key, compute_matches, lambda d: _load_matches(d / "matches.npz"))
-
-        def compute_tri(d: Path):
-            kps = {n: f.keypoints for n, f in feats.items()}
-            result = triangulate_labels(frames, kps, matches, tri_cfg, d / "colmap")
-            tri_labels = result[0] if isinstance(result, tuple) else result
-            arrays = {}
-            for name, (pts, valid) in tri_labels.items():
-                arrays[f"{name}::points3D"] = pts
-                arrays[f"{name}::valid"] = valid
-            np.savez(d / "labels.npz", **arrays)
-            return tri_labels
-
-        tri_labels = runner.run("triangulation", fingerprint(match_key, tri_cfg), compute_tri, _load_label_arrays)
-        labels = dict(tri_labels)
-    if need_depth:
-        def compute_depth(d: Path):
-            out_labels = {f.name: depth_labels(f, feats[f.name].keypoints) for f in frames}
-            arrays = {}
-            for name, (pts, valid) in out_labels.items():
-                arrays[f"{name}::points3D"] = pts
-                arrays[f"{name}::valid"] = valid
-            np.savez(d / "labels.npz", **arrays)
-            return out_labels
-
-        dlabels = runner.run("depth_labels", fingerprint(feat_key, "depth"), compute_depth, _load_label_arrays)
-        labels = {n: merge_labels(labels[n], dlabels[n]) for n in dlabels} if labels else dict(dlabels)
-
-    real = labelled_from_labels(frames, feats, labels)
-    n_labelled = int(sum(im.n_valid for im in real))
-    log(f"labelled keypoints: {n_labelled} of {sum(len(im.valid) for im in real)} in {len(real)} frames")
-    if n_labelled == 0:
+    real = RealLabels(labelled_from_labels(frames, features.by_name, labels), label_mode,
+                      fingerprint(features.key, label_mode, config.matcher, pairs_cfg, tri_cfg))
+    log(f"labelled keypoints: {real.n_labelled} of {sum(len(im.valid) for im in real.images)} "
+        f"in {len(real.images)} frames")
+    if real.n_labelled == 0:
         raise ValueError("no keypoint got a 3D label: the mapping frames do not overlap enough (try more frames)")
-    label_key = fingerprint(feat_key, label_mode, config.matcher, pairs_cfg, tri_cfg)
+    return real
 
-    # Augmentation bank -----------------------------------------------------------
+
+def _triangulation_labels(runner: StageRunner, config: BuildConfig, frames: list[Frame], features: ExtractedFeatures,
+                          pairs_cfg, tri_cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Matches between each frame and its nearest neighbours (``matches``), then points
+    triangulated with the known poses (``triangulation``): two cached stages."""
+    from offline.matching import make_matcher, match_pairs
+    from offline.pairs import select_pairs
+    from offline.triangulation import triangulate_labels
+
+    def compute_matches(d: Path) -> dict[tuple[str, str], np.ndarray]:
+        matcher = make_matcher(config.matcher, config.extractor.name, device=config.device)
+        results = match_pairs(select_pairs(frames, pairs_cfg), features.by_name, matcher)
+        matches = {k: v.indices for k, v in results.items()}
+        _save_matches(d / "matches.npz", matches)
+        return matches
+
+    match_key = fingerprint(features.key, pairs_cfg, config.matcher)
+    matches = runner.run("matches", match_key, compute_matches, lambda d: _load_matches(d / "matches.npz"))
+
+    def compute_points(d: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        keypoints = {n: f.keypoints for n, f in features.by_name.items()}
+        tri_labels, _ = triangulate_labels(frames, keypoints, matches, tri_cfg, d / "colmap")
+        _save_label_arrays(d, tri_labels)
+        return tri_labels
+
+    return runner.run("triangulation", fingerprint(match_key, tri_cfg), compute_points, _load_label_arrays)
+
+
+def _depth_labels(runner: StageRunner, frames: list[Frame],
+                  features: ExtractedFeatures) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each keypoint back-projected with its frame's depth image (``depth_labels``)."""
+    from offline.depth_labels import depth_labels
+
+    def compute(d: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        out = {f.name: depth_labels(f, features.by_name[f.name].keypoints) for f in frames}
+        _save_label_arrays(d, out)
+        return out
+
+    return runner.run("depth_labels", fingerprint(features.key, "depth"), compute, _load_label_arrays)
+
+
+def augmentation_stage(runner: StageRunner, config: BuildConfig, mapping: MappingFrames, labels: RealLabels,
+                       extractor) -> Augmentation:
+    """Photometric and geometric copies of the labelled mapping frames, re-extracted (``augmentation``)."""
+    from offline.augment import AugmentConfig, augment_images
+
     aug_cfg = AugmentConfig(n_per_image=config.augment_per_image, seed=config.seed)
-    augmented: list[LabelledImage] = []
-    if config.augment_per_image > 0:
-        def compute_aug(d: Path):
-            ims = augment_images([(f, im) for f, im in zip(frames, real)], extractor, aug_cfg)
-            save_labelled(d / "augmented.npz", ims)
-            return ims
+    if config.augment_per_image <= 0:
+        return Augmentation([], aug_cfg)
 
-        augmented = runner.run("augmentation", fingerprint(label_key, aug_cfg), compute_aug,
-                               lambda d: load_labelled(d / "augmented.npz"))
+    def compute(d: Path) -> list[LabelledImage]:
+        images = augment_images(list(zip(mapping.frames, labels.images)), extractor, aug_cfg)
+        save_labelled(d / "augmented.npz", images)
+        return images
 
-    # Synthesis -------------------------------------------------------------------
-    synthetic: list[LabelledImage] = []
-    synthesis_stats: dict[str, Any] = {"enabled": bool(config.synthesis)}
-    if config.synthesis:
-        synthetic, synthesis_stats = _run_synthesis_stage(runner, frames, real, extractor, config, label_key, log)
+    images = runner.run("augmentation", fingerprint(labels.key, aug_cfg), compute,
+                        lambda d: load_labelled(d / "augmented.npz"))
+    return Augmentation(images, aug_cfg)
 
-    # Training --------------------------------------------------------------------
-    model_cfg = D2SConfig(descriptor_dim=extractor.descriptor_dim, n_layers=config.model_layers,
+
+def synthesis_stage(runner: StageRunner, config: BuildConfig, mapping: MappingFrames, labels: RealLabels,
+                    extractor, log: Callable[[str], None] = print) -> Synthesis:
+    """Labelled synthetic views between the mapping frames (``offline.synthesis.stage``): NeRF
+    renders (stage ``synthesis``) or RGB-D warps (stage ``synthesis-rgbd-warp``)."""
+    if not config.synthesis:
+        return Synthesis([], {"enabled": False})
+    from offline.matching import make_matcher
+    from offline.synthesis.stage import run_synthesis, synthesis_config_for_profile
+
+    frames = mapping.frames
+    syn_cfg = synthesis_config_for_profile(config.profile, labels=config.synthetic_labels,
+                                           nerf_iterations=config.nerf_iterations, seed=config.seed,
+                                           device=config.device, max_keypoints=config.extractor.max_keypoints,
+                                           keep_fraction=config.synthesis_keep_fraction,
+                                           max_poses=config.synthesis_max_poses,
+                                           # one torch thread beats two on a small shared CPU (see NerfactoConfig)
+                                           cpu_threads=config.train_threads)
+    if config.synthesis_renderer == "rgbd-warp":
+        from offline.synthesis.rgbd_warp import RGBDWarpRenderer
+
+        stage = "synthesis-rgbd-warp"  # its own directory: the NeRF and its renders stay cached beside it
+        renderers = [RGBDWarpRenderer(frames)]  # refuses, naming them, mapping frames without depth
+        # Warping real pixels costs milliseconds: render at the camera's full resolution.
+        syn_cfg.render_fraction = 1.0
+        # The stage's name is part of its key; the nerfacto stage's key predates other renderers.
+        key = fingerprint(labels.key, syn_cfg, stage)
+    else:
+        stage, renderers = "synthesis", None  # nerfacto, trained by run_synthesis
+        key = fingerprint(labels.key, syn_cfg)
+    matcher = make_matcher(config.matcher, config.extractor.name, device=config.device)
+    real_by_name = {im.name: im for im in labels.images}
+
+    def compute(d: Path) -> tuple[list[LabelledImage], dict[str, Any]]:
+        res = run_synthesis(frames, real_by_name, extractor, matcher, renderers, syn_cfg, d, log=log)
+        save_labelled(d / "synthetic.npz", res.images)
+        write_json_atomic(d / "synthesis_stats.json", res.stats)
+        return res.images, res.stats
+
+    def load(d: Path) -> tuple[list[LabelledImage], dict[str, Any]]:
+        return load_labelled(d / "synthetic.npz"), json.loads((d / "synthesis_stats.json").read_text())
+
+    images, stats = runner.run(stage, key, compute, load)
+    stats = dict(stats)
+    stats.update({"enabled": True, "key": key, "n_synthetic_images": len(images), "labels": config.synthetic_labels,
+                  "renderer": config.synthesis_renderer})
+    return Synthesis(images, stats)
+
+
+def training_stage(runner: StageRunner, config: BuildConfig, labels: RealLabels, augmentation: Augmentation,
+                   synthesis: Synthesis, descriptor_dim: int, progress: bool = True) -> Training:
+    """D2S trained on the real, augmented and synthetic labelled images, in ``train-<key>/``
+    (``offline.train_d2s`` checkpoints and resumes inside it)."""
+    import torch
+
+    from d2s_nerf_ros.device import resolve_device
+    from d2s_nerf_ros.models.d2s import D2SConfig
+    from offline.train_d2s import D2STrainConfig, train_d2s
+
+    device = resolve_device(config.device)
+    synthetic = synthesis.images
+    model_cfg = D2SConfig(descriptor_dim=descriptor_dim, n_layers=config.model_layers,
                           head_dims=config.model_head_dims)
     train_cfg = D2STrainConfig(
         iterations=config.train_iterations, images_per_batch=config.train_images_per_batch,
@@ -379,59 +508,68 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
         synthetic_ratio=config.synthetic_ratio if synthetic else 0.0,
         synthetic_unlabelled=config.synthetic_unlabelled if synthetic else "unreliable",
         seed=config.seed if config.train_seed is None else config.train_seed, device=str(device))
-    # "unreliable" was the only behaviour before the option existed: it stays out of the key, so
-    # trainings cached before it keep their keys.
-    train_key_cfg = {k: v for k, v in to_jsonable(train_cfg).items()
-                     if not (k == "synthetic_unlabelled" and v == "unreliable")}
-    train_key = fingerprint(label_key, aug_cfg, synthesis_stats.get("key"), model_cfg, train_key_cfg)
-    train_dir = work_dir / f"train-{train_key}"
+    key = fingerprint(labels.key, augmentation.config, synthesis.key, model_cfg, train_cfg)
     t0 = time.perf_counter()
     threads_before = torch.get_num_threads()
     if device.type == "cpu" and config.train_threads:
         # On a small shared CPU one thread is often faster than two (oversubscription).
         torch.set_num_threads(config.train_threads)
     try:
-        result = train_d2s(real + augmented, train_cfg, model_cfg, train_dir, synthetic=synthetic or None,
-                           progress=progress)
+        result = train_d2s(labels.images + augmentation.images, train_cfg, model_cfg, runner.work_dir / f"train-{key}",
+                           synthetic=synthetic or None, progress=progress)
     finally:
         torch.set_num_threads(threads_before)
     elapsed = time.perf_counter() - t0
-    history = result.history
     # The training's own clock (kept across resumes): a rerun served from a finished checkpoint
     # reports what the training took, and says it was cached.
+    history = result.history
     trained_s = float(history[-1].get("seconds", elapsed)) if history else elapsed
     runner.timings_s["training"] = max(elapsed, trained_s)
     runner.cached["training"] = elapsed < 0.5 * trained_s
-    final_loss = float(history[-1]["loss"]) if history else None
-    write_json_atomic(work_dir / "training_history.json", history)
+    write_json_atomic(runner.work_dir / "training_history.json", history)
+    return Training(result.model, train_cfg, history)
 
-    # Bundle ----------------------------------------------------------------------
+
+def bundle_stage(runner: StageRunner, config: BuildConfig, out: Path, mapping: MappingFrames, extractor,
+                 labels: RealLabels, augmentation: Augmentation, synthesis: Synthesis, training: Training,
+                 query_frames: list[Frame] | None = None) -> BuildSummary:
+    """The map bundle at ``out`` with its report (``offline.report``), written once and complete."""
     from safetensors.numpy import save as safetensors_bytes
 
-    training_info = {"config": to_jsonable(train_cfg), "final_loss": final_loss,
-                     "n_real_images": len(real), "n_augmented_images": len(augmented),
-                     "n_synthetic_images": len(synthetic), "n_labelled_keypoints": n_labelled,
+    from d2s_nerf_ros.map_bundle import MapBundle
+    from offline.report import write_report
+
+    frames, work_dir = mapping.frames, runner.work_dir
+    training_info = {"config": to_jsonable(training.config), "final_loss": training.final_loss,
+                     "n_real_images": len(labels.images), "n_augmented_images": len(augmentation.images),
+                     "n_synthetic_images": len(synthesis.images), "n_labelled_keypoints": labels.n_labelled,
                      "build": to_jsonable(config)}
     bundle = MapBundle.create(
-        model=result.model, extractor=extractor.config(), camera=frames[0].camera,
+        model=training.model, extractor=extractor.config(), camera=frames[0].camera,
         frames=[{"name": f.name, "T_world_cam": f.T_world_cam.tolist()} for f in frames],
-        training=training_info, synthesis=synthesis_stats,
+        training=training_info, synthesis=synthesis.stats,
         metrics={"timings_s": dict(runner.timings_s), "cached": dict(runner.cached)})
-    bundle.add_file("map_points.safetensors", safetensors_bytes(_map_points_arrays(real)))
+    bundle.add_file("map_points.safetensors", safetensors_bytes(_map_points_arrays(labels.images)))
     # The report reads a saved bundle (it may localise the query frames with it), so the bundle is
     # staged in the work directory first; OUT is then written once, complete with its report:
     # a failure anywhere leaves either the previous map or none there, never one without a report.
-    from offline.report import write_report
-
     # Named after OUT: builds of other maps that share this work directory stage beside it.
     staged = bundle.save(work_dir / f"{STAGED_BUNDLE}-{out.name}")
-    report = write_report(staged, work_dir / "report.html", frames, real, history, synthesis_stats,
+    report = write_report(staged, work_dir / "report.html", frames, labels.images, training.history, synthesis.stats,
                           query_frames=query_frames, map_name=out.name)
     bundle.add_file("report.html", report)
     bundle.save(out)
     shutil.rmtree(staged, ignore_errors=True)
-    return BuildSummary(out, work_dir, len(frames), n_labelled, len(augmented), len(synthetic), final_loss,
-                        dict(runner.timings_s), dict(runner.cached))
+    return BuildSummary(out, work_dir, len(frames), labels.n_labelled, len(augmentation.images), len(synthesis.images),
+                        training.final_loss, dict(runner.timings_s), dict(runner.cached))
+
+
+def _save_label_arrays(d: Path, labels: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    arrays = {}
+    for name, (pts, valid) in labels.items():
+        arrays[f"{name}::points3D"] = pts
+        arrays[f"{name}::valid"] = valid
+    np.savez(d / "labels.npz", **arrays)
 
 
 def _load_label_arrays(d: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -453,44 +591,3 @@ def _map_points_arrays(real: list[LabelledImage]) -> dict[str, np.ndarray]:
         arrays[f"{i}.points3D"] = im.points3D.astype(np.float32)
         arrays[f"{i}.valid"] = im.valid.astype(np.uint8)
     return arrays
-
-
-def _run_synthesis_stage(runner: StageRunner, frames, real, extractor, config: BuildConfig, label_key: str, log):
-    from offline.synthesis.stage import run_synthesis, synthesis_config_for_profile
-    from offline.matching import make_matcher
-
-    syn_cfg = synthesis_config_for_profile(config.profile, labels=config.synthetic_labels,
-                                           nerf_iterations=config.nerf_iterations, seed=config.seed,
-                                           device=config.device, max_keypoints=config.extractor.max_keypoints,
-                                           keep_fraction=config.synthesis_keep_fraction,
-                                           max_poses=config.synthesis_max_poses,
-                                           # one torch thread beats two on a small shared CPU (see NerfactoConfig)
-                                           cpu_threads=config.train_threads)
-    stage = "synthesis"
-    renderers = None  # nerfacto, trained by the stage
-    if config.synthesis_renderer == "rgbd-warp":
-        from offline.synthesis.rgbd_warp import RGBDWarpRenderer
-
-        renderers = [RGBDWarpRenderer(frames)]  # refuses, naming them, mapping frames without depth
-        # Warping real pixels costs milliseconds: render at the camera's full resolution. Its own
-        # stage directory keeps the NeRF and its renders cached beside it.
-        syn_cfg.render_fraction = 1.0
-        stage = "synthesis-rgbd-warp"
-    key = fingerprint(label_key, syn_cfg) if renderers is None else fingerprint(label_key, syn_cfg, stage)
-    matcher = make_matcher(config.matcher, config.extractor.name, device=config.device)
-    real_by_name = {im.name: im for im in real}
-
-    def compute(d: Path):
-        res = run_synthesis(frames, real_by_name, extractor, matcher, renderers, syn_cfg, d)
-        save_labelled(d / "synthetic.npz", res.images)
-        write_json_atomic(d / "synthesis_stats.json", res.stats)
-        return res.images, res.stats
-
-    def load(d: Path):
-        return load_labelled(d / "synthetic.npz"), json.loads((d / "synthesis_stats.json").read_text())
-
-    images, stats = runner.run(stage, key, compute, load)
-    stats = dict(stats)
-    stats.update({"enabled": True, "key": key, "n_synthetic_images": len(images), "labels": config.synthetic_labels,
-                  "renderer": config.synthesis_renderer})
-    return images, stats

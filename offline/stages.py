@@ -30,8 +30,34 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+# The one rule that keeps cache keys valid when a config grows: a field added later, whose default
+# reproduces what the code did before it existed, is declared with ``added_field(default)``; left at
+# that default it is not hashed, so the key is the one computed before the field existed (and every
+# cached stage keyed by it stays valid). Set to anything else, it is hashed like any field.
+_OMIT_AT_DEFAULT = "fingerprint_omits_at_default"
+
+
+def added_field(default: Any, **kwargs: Any) -> Any:
+    """A dataclass field added after caches keyed without it existed: see ``fingerprint``."""
+    return dataclasses.field(default=default, metadata={_OMIT_AT_DEFAULT: True}, **kwargs)
+
+
+def _key_form(value: Any) -> Any:
+    """``to_jsonable`` for hashing: fields declared with ``added_field`` left at their default are dropped."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _key_form(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.metadata.get(_OMIT_AT_DEFAULT) and getattr(value, f.name) == f.default)}
+    if isinstance(value, dict):
+        return {str(k): _key_form(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_key_form(v) for v in value]
+    return to_jsonable(value)
+
+
 def fingerprint(*parts: Any) -> str:
-    blob = json.dumps([to_jsonable(p) for p in parts], sort_keys=True, default=str)
+    """A short key for ``parts`` (dataclasses, dicts, sequences, arrays, scalars); fields declared
+    with ``added_field`` count only when they differ from their default."""
+    blob = json.dumps([_key_form(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -40,6 +40,7 @@ import torch
 from d2s_nerf_ros.device import resolve_device
 from d2s_nerf_ros.models.d2s import D2SConfig, D2SNet, reliability
 from offline.labelled import LabelledImage
+from offline.stages import added_field
 
 CHECKPOINT_POINTER = "latest.json"
 MIN_DEPTH_M = 0.1  # predictions closer than this (or behind the camera) get no reprojection loss
@@ -64,7 +65,8 @@ class D2STrainConfig:
     # reliability loss at all. A render's keypoint is usually unlabelled because the render matched
     # its reference poorly, not because the scene point is unreliable, so "ignored" keeps render
     # quality from teaching the model to distrust descriptors that real queries need.
-    synthetic_unlabelled: str = "unreliable"
+    # Added after trainings were cached: at "unreliable" (the behaviour before) it stays out of the cache key.
+    synthetic_unlabelled: str = added_field("unreliable")
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bfloat16 autocast, CUDA only
