@@ -19,7 +19,7 @@ from d2s_nerf_ros.camera import CameraIntrinsics
 from d2s_nerf_ros.geometry import invert_pose, make_pose, project_points, transform_points
 from offline.labelled import LabelledImage, load_labelled
 from offline.nerf.renderer import Renderer, RenderResult, choose_renderer
-from offline.synthesis.filtering import FilterConfig, filter_renders, match_count_histogram
+from offline.synthesis.filtering import FilterConfig, filter_renders, match_count_histogram, match_render
 from offline.synthesis.labels import SyntheticLabelConfig, synthetic_labels
 from test_nerf import cast_room, look_rotation, render_room, room_frames
 
@@ -41,8 +41,8 @@ def test_filter_counts_on_a_real_image_itself_and_noise(redkitchen_dir, sift_and
     noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
     reference = extractor.extract(real)
     assert len(reference) == 512
-    renders = [real, noise, real]
-    result = filter_renders(renders, [reference] * 3, extractor, matcher, FilterConfig(keep_fraction=0.12),
+    matched = [match_render(image, reference, extractor, matcher) for image in (real, noise, real)]
+    result = filter_renders(matched, extractor.max_keypoints, FilterConfig(keep_fraction=0.12),
                             names=["self", "noise", "self-again"], reference_names=["f0"] * 3)
     assert result.threshold == 62  # ceil(0.12 * 512)
     counts = {d.name: d.n_matches for d in result.decisions}
@@ -56,8 +56,8 @@ def test_filter_counts_on_a_real_image_itself_and_noise(redkitchen_dir, sift_and
     assert sum(result.histogram["counts"]) == 3
     assert result.histogram["counts"][0] == 1 and result.histogram["counts"][-1] == 2  # [0, 51.2) and [460.8, 512]
     # The threshold is inclusive: exactly the self count keeps it, one more drops it.
-    at = filter_renders([real], [reference], extractor, matcher, FilterConfig(min_matches=counts["self"]))
-    above = filter_renders([real], [reference], extractor, matcher, FilterConfig(min_matches=counts["self"] + 1))
+    at = filter_renders(matched[:1], extractor.max_keypoints, FilterConfig(min_matches=counts["self"]))
+    above = filter_renders(matched[:1], extractor.max_keypoints, FilterConfig(min_matches=counts["self"] + 1))
     assert at.decisions[0].kept and not above.decisions[0].kept
 
 

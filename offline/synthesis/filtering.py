@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -51,7 +51,7 @@ class RenderMatch:
     """What filtering learnt about one render; labelling reuses it."""
 
     features: Features   # of the render (pixels of the image given to the extractor)
-    matches: Any         # MatchResult: indices[:, 0] into the render's features, [:, 1] into the reference's
+    matches: np.ndarray  # (M, 2) int64: rows (index into the render's features, index into the reference's)
     decision: FilterDecision
 
 
@@ -84,31 +84,31 @@ def features_of_labelled(image) -> Features:
                     (int(image.camera.width), int(image.camera.height)))
 
 
-def filter_renders(renders: Sequence[np.ndarray], references: Sequence[Features], extractor, matcher,
+def match_render(image: np.ndarray, reference: Features, extractor, matcher) -> tuple[Features, np.ndarray]:
+    """The map's extractor on a render, matched to its reference frame's features: the render's
+    features and the (M, 2) match indices (render, reference)."""
+    feats = extractor.extract(image)
+    if len(feats) == 0 or len(reference) == 0:
+        return feats, np.zeros((0, 2), np.int64)
+    return feats, np.asarray(matcher.match(feats, reference).indices, np.int64).reshape(-1, 2)
+
+
+def filter_renders(matched: Sequence[tuple[Features, np.ndarray]], max_keypoints: int,
                    config: FilterConfig = FilterConfig(), names: Sequence[str] | None = None,
                    reference_names: Sequence[str] | None = None) -> FilterResult:
-    """Extract features on each render, match them to its reference, keep those above threshold.
+    """Keep the renders with at least the threshold's matches to their reference.
 
-    ``renders[i]`` is matched against ``references[i]`` (features of the real reference
-    frame). Returns per-render features, matches and decisions, plus the match histogram.
+    ``matched[i]``: render i's features and its matches to its reference (``match_render``, or
+    the synthesis stage's per-render cache of it). ``max_keypoints``: the extractor's budget,
+    which ``config.keep_fraction`` is a fraction of. Returns per-render decisions and the
+    match-count histogram.
     """
-    if len(renders) != len(references):
-        raise ValueError(f"{len(renders)} renders but {len(references)} references")
-    names = list(names) if names is not None else [f"render-{i}" for i in range(len(renders))]
-    reference_names = list(reference_names) if reference_names is not None else ["" for _ in renders]
-    if len(names) != len(renders) or len(reference_names) != len(renders):
+    names = list(names) if names is not None else [f"render-{i}" for i in range(len(matched))]
+    reference_names = list(reference_names) if reference_names is not None else ["" for _ in matched]
+    if len(names) != len(matched) or len(reference_names) != len(matched):
         raise ValueError("names and reference_names need one entry per render")
-    threshold = config.threshold(extractor.max_keypoints)
-    out: list[RenderMatch] = []
-    for image, ref, name, ref_name in zip(renders, references, names, reference_names):
-        feats = extractor.extract(image)
-        if len(feats) == 0 or len(ref) == 0:
-            from offline.matching import MatchResult
-
-            matches = MatchResult.empty()
-        else:
-            matches = matcher.match(feats, ref)
-        n = len(matches)
-        out.append(RenderMatch(feats, matches, FilterDecision(name, ref_name, n, n >= threshold)))
-    hist = match_count_histogram([r.decision.n_matches for r in out], extractor.max_keypoints, config.histogram_bins)
+    threshold = config.threshold(max_keypoints)
+    out = [RenderMatch(feats, matches, FilterDecision(name, ref_name, len(matches), len(matches) >= threshold))
+           for (feats, matches), name, ref_name in zip(matched, names, reference_names)]
+    hist = match_count_histogram([r.decision.n_matches for r in out], max_keypoints, config.histogram_bins)
     return FilterResult(out, threshold, hist)

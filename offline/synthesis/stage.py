@@ -1,4 +1,4 @@
-"""The descriptor-synthesis stage: NeRF -> novel poses -> renders -> filter -> labels.
+"""The descriptor-synthesis stage: [NeRF] -> novel poses -> renders -> features -> filter -> labels.
 
 Work directory layout (everything resumable; a rerun with the same inputs reuses it):
 ```
@@ -26,12 +26,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from d2s_nerf_ros.camera import CameraIntrinsics
 from offline.labelled import LabelledImage, load_labelled, save_labelled
-from offline.stages import fingerprint
+from offline.stages import fingerprint, write_json_atomic
 from offline.nerf.nerfacto import NerfactoConfig
 from offline.nerf.renderer import RenderResult, Renderer, choose_renderer
 from offline.sources.frames import Frame, even_indices
-from offline.synthesis.filtering import FilterConfig, features_of_labelled, match_count_histogram
+from offline.synthesis.filtering import FilterConfig, FilterResult, features_of_labelled, filter_renders, match_render
 from offline.synthesis.labels import SyntheticLabelConfig, synthetic_labels
 from offline.synthesis.novel_poses import NovelPoseConfig, novel_poses
 
@@ -139,12 +140,6 @@ def _load_render_features(path: Path, key: str):
         return None  # a torn or foreign file: extract again
 
 
-def _write_json(path: Path, doc: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
-    os.replace(tmp, path)
-
-
 def _save_render(stem: Path, result: RenderResult) -> None:
     import cv2
 
@@ -173,6 +168,17 @@ def _load_render(stem: Path) -> RenderResult | None:
                         depth_m=np.load(depth, allow_pickle=False), accumulation=np.load(acc, allow_pickle=False))
 
 
+@dataclass
+class RenderedViews:
+    """The renders step's output: per novel pose, its index entry, render and render camera."""
+
+    entries: list[dict[str, Any]]   # renders/index.json's "poses"
+    renders: list[RenderResult]
+    cameras: list[CameraIntrinsics]
+    n_new: int                      # rendered now (the rest came from renders/)
+    seconds: list[float]            # per new render
+
+
 def run_synthesis(
     mapping_frames: Sequence[Frame],
     real_labelled: dict[str, LabelledImage],
@@ -183,15 +189,13 @@ def run_synthesis(
     work_dir: Path,
     log: Callable[[str], None] = print,
 ) -> SynthesisResult:
-    """Synthetic labelled images from novel views between the mapping frames.
+    """Synthetic labelled images from novel views between the mapping frames:
+    poses -> renders -> features -> filter -> labels.
 
     ``renderers`` None: one nerfacto is trained on all mapping frames (in ``work_dir/nerf``).
     ``real_labelled`` holds the mapping frames' labelled keypoints (the references).
     """
-    import cv2
-
     frames = list(mapping_frames)
-    by_name = {f.name: f for f in frames}
     missing = [f.name for f in frames if f.name not in real_labelled]
     if missing:
         raise ValueError(f"no labelled keypoints for mapping frames: {', '.join(missing[:5])}"
@@ -203,42 +207,117 @@ def run_synthesis(
 
     t0 = time.perf_counter()
     if renderers is None:
-        from offline.nerf.nerfacto import train_nerfacto
-        from offline.nerf.renderer import NerfactoRenderer
-
-        handle = train_nerfacto(frames, config.nerf, work_dir / "nerf", log=log)
-        stats["nerf"] = handle.stats()
-        renderers = [NerfactoRenderer(handle, device=config.render_device, name="nerfacto")]
+        renderers, stats["nerf"] = nerfacto_renderers(frames, config, work_dir / "nerf", log)
     renderers = list(renderers)
     if not renderers:
         raise ValueError("synthesis needs at least one renderer")
     timings["nerf_s"] = time.perf_counter() - t0
 
     key = _config_key(frames, config, [r.name for r in renderers])
-    stats_path, synthetic_path = work_dir / STATS_FILE, work_dir / SYNTHETIC_FILE
-    if stats_path.exists() and synthetic_path.exists():
-        try:
-            done = json.loads(stats_path.read_text())
-        except json.JSONDecodeError:
-            done = {}
-        if done.get("key") == key:
-            log(f"[synthesis] cached in {work_dir}")
-            return SynthesisResult(load_labelled(synthetic_path), done)
+    done = _finished_result(work_dir, key)
+    if done is not None:
+        log(f"[synthesis] cached in {work_dir}")
+        return done
 
-    # Novel poses.
     t0 = time.perf_counter()
+    poses, n_all = plan_poses(frames, config)
+    timings["poses_s"] = time.perf_counter() - t0
+    log(f"[synthesis] {n_all} novel poses ({len(poses)} used) from {len(frames)} mapping frames")
+
+    t0 = time.perf_counter()
+    render_key = _config_key(frames, config, [r.name for r in renderers], ignore=RENDER_INDEPENDENT_FIELDS)
+    views = render_views(poses, frames, renderers, config, work_dir / "renders", render_key, log)
+    timings["render_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    matched, feature_cameras = render_features(views, frames, real_labelled, extractor, matcher, config,
+                                               work_dir / "renders", log)
+    filtered = filter_renders(matched, extractor.max_keypoints, config.filter, names=[p.name for p in poses],
+                              reference_names=[e["reference"] for e in views.entries])
+    kept = [i for i, r in enumerate(filtered.renders) if r.decision.kept]
+    timings["filter_s"] = time.perf_counter() - t0
+    counts = [d.n_matches for d in filtered.decisions]
+    log(f"[synthesis] kept {len(kept)}/{len(poses)} renders (>= {filtered.threshold} matches; median "
+        f"{np.median(counts) if counts else 0:.0f})")
+
+    t0 = time.perf_counter()
+    images, label_totals = label_renders(kept, poses, views, filtered, feature_cameras, real_labelled, config)
+    timings["labels_s"] = time.perf_counter() - t0
+
+    by_name = {f.name: f for f in frames}
+    render_dir = work_dir / "renders"
+    stats.update({
+        "key": key,
+        "n_poses": len(poses),
+        "n_poses_before_cap": n_all,
+        "n_rendered": len(views.renders),
+        "n_rendered_now": views.n_new,
+        "n_kept": len(images),
+        "keep_threshold": filtered.threshold,
+        "match_count_histogram": filtered.histogram,
+        "match_count_median": float(np.median(counts)) if counts else 0.0,
+        "render_seconds_mean": float(np.mean(views.seconds)) if views.seconds else None,
+        "render_size": [views.cameras[0].width, views.cameras[0].height] if views.cameras else None,
+        "label_mode": config.labels.mode,
+        "labels": label_totals,
+        "n_valid_keypoints": int(sum(im.n_valid for im in images)),
+        "renderers": {r.name: sum(e["renderer"] == r.name for e in views.entries) for r in renderers},
+        "decisions": [dataclasses.asdict(d) for d in filtered.decisions],
+        "match_counts": [int(c) for c in counts],
+        # For the map report: where the kept views are, and a few real/render pairs to look at.
+        "kept_positions": [np.asarray(views.entries[i]["T_world_cam"], dtype=float)[:3, 3].tolist() for i in kept],
+        "samples": [{"reference_image": str(by_name[views.entries[i]["reference"]].image_path),
+                     "render_image": str(render_dir / f"{views.entries[i]['file']}.png"),
+                     "s": float(views.entries[i]["s"]), "matches": int(counts[i])}
+                    for i in [kept[j] for j in even_indices(len(kept), fraction=min(1.0, 3 / len(kept)))]]
+                   if kept else [],
+        "timings_s": timings,
+    })
+    save_labelled(work_dir / SYNTHETIC_FILE, images)
+    write_json_atomic(work_dir / STATS_FILE, stats)
+    log(f"[synthesis] {len(images)} synthetic images, {stats['n_valid_keypoints']} labelled keypoints")
+    return SynthesisResult(images, stats)
+
+
+def nerfacto_renderers(frames: list[Frame], config: SynthesisConfig, nerf_dir: Path,
+                       log: Callable[[str], None] = print) -> tuple[list[Renderer], dict[str, Any]]:
+    """One nerfacto trained on all mapping frames (resumable in ``nerf_dir``), and its stats."""
+    from offline.nerf.nerfacto import train_nerfacto
+    from offline.nerf.renderer import NerfactoRenderer
+
+    handle = train_nerfacto(frames, config.nerf, nerf_dir, log=log)
+    return [NerfactoRenderer(handle, device=config.render_device, name="nerfacto")], handle.stats()
+
+
+def _finished_result(work_dir: Path, key: str) -> SynthesisResult | None:
+    """The result a finished run with this key left in ``work_dir``, if any."""
+    stats_path, synthetic_path = work_dir / STATS_FILE, work_dir / SYNTHETIC_FILE
+    if not (stats_path.exists() and synthetic_path.exists()):
+        return None
+    try:
+        done = json.loads(stats_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return SynthesisResult(load_labelled(synthetic_path), done) if done.get("key") == key else None
+
+
+def plan_poses(frames: list[Frame], config: SynthesisConfig) -> tuple[list, int]:
+    """The novel poses (an even subsample of at most ``config.max_poses``) and how many there were."""
     poses = novel_poses(frames, config.poses)
     n_all = len(poses)
     if config.max_poses is not None and len(poses) > config.max_poses:
         poses = [poses[i] for i in even_indices(len(poses), fraction=config.max_poses / len(poses))]
-    timings["poses_s"] = time.perf_counter() - t0
-    log(f"[synthesis] {n_all} novel poses ({len(poses)} used) from {len(frames)} mapping frames")
+    return poses, n_all
 
-    # Renders (cached one by one, so an interrupted stage resumes where it stopped).
-    render_dir = work_dir / "renders"
+
+def render_views(poses: list, frames: list[Frame], renderers: list[Renderer], config: SynthesisConfig,
+                 render_dir: Path, render_key: str, log: Callable[[str], None] = print) -> RenderedViews:
+    """Each novel pose rendered at ``config.render_fraction`` of its reference camera, cached one
+    by one in ``render_dir`` (an interrupted stage resumes where it stopped; renders made for
+    another ``render_key`` are removed)."""
+    by_name = {f.name: f for f in frames}
     render_dir.mkdir(exist_ok=True)
     index_path = render_dir / "index.json"
-    render_key = _config_key(frames, config, [r.name for r in renderers], ignore=RENDER_INDEPENDENT_FIELDS)
     if index_path.exists():
         try:
             old_key = json.loads(index_path.read_text()).get("key")
@@ -249,47 +328,51 @@ def run_synthesis(
                 p.unlink()
     entries = []
     for i, pose in enumerate(poses):
-        ref = by_name[pose.reference_frame]
         which = choose_renderer(renderers, pose.T_world_cam, (pose.frame_a, pose.frame_b))
         entries.append({"file": f"{i:05d}", "name": pose.name, "frame_a": pose.frame_a, "frame_b": pose.frame_b,
-                        "s": pose.s, "reference": ref.name, "renderer": renderers[which].name,
+                        "s": pose.s, "reference": pose.reference_frame, "renderer": renderers[which].name,
                         "T_world_cam": pose.T_world_cam.tolist()})
-    _write_json(index_path, {"key": render_key, "poses": entries})
+    write_json_atomic(index_path, {"key": render_key, "poses": entries})
 
-    t0 = time.perf_counter()
-    renders: list[RenderResult] = []
-    render_cameras = []
-    n_new, render_seconds = 0, []
+    views = RenderedViews(entries, [], [], 0, [])
     for i, (pose, entry) in enumerate(zip(poses, entries)):
         ref_cam = by_name[entry["reference"]].camera
         cam = ref_cam.scaled_to(max(8, round(ref_cam.width * config.render_fraction)),
                                 max(8, round(ref_cam.height * config.render_fraction)))
-        render_cameras.append(cam)
+        views.cameras.append(cam)
         stem = render_dir / entry["file"]
         result = _load_render(stem)
         if result is None or result.rgb.shape[:2] != (cam.height, cam.width):
             renderer = next(r for r in renderers if r.name == entry["renderer"])
             result = renderer.render(pose.T_world_cam, cam)
             _save_render(stem, result)
-            n_new += 1
-            render_seconds.append(result.seconds)
-            if n_new % 10 == 0 or i == len(poses) - 1:
-                log(f"[synthesis] rendered {i + 1}/{len(poses)} ({np.mean(render_seconds):.2f} s each)")
-        renders.append(result)
-    timings["render_s"] = time.perf_counter() - t0
+            views.n_new += 1
+            views.seconds.append(result.seconds)
+            if views.n_new % 10 == 0 or i == len(poses) - 1:
+                log(f"[synthesis] rendered {i + 1}/{len(poses)} ({np.mean(views.seconds):.2f} s each)")
+        views.renders.append(result)
+    return views
 
-    # Filter: the map's extractor on each render, matched to its reference frame. Features and
-    # matches are cached per render (keyed by extractor and matcher), so another keep threshold
-    # or label mode reuses them.
-    t0 = time.perf_counter()
-    threshold = config.filter.threshold(extractor.max_keypoints)
+
+def render_features(views: RenderedViews, frames: list[Frame], real_labelled: dict[str, LabelledImage], extractor,
+                    matcher, config: SynthesisConfig, render_dir: Path, log: Callable[[str], None] = print,
+                    ) -> tuple[list[tuple[Any, np.ndarray]], list[CameraIntrinsics]]:
+    """The map's extractor on each render, matched to its reference frame (``match_render``);
+    returns each render's features and matches, and the camera its features are in.
+
+    Cached per render (keyed by extractor and matcher, not by the filter or labels), so another
+    keep threshold or label mode reuses them.
+    """
+    import cv2
+
+    by_name = {f.name: f for f in frames}
     features_key = fingerprint(extractor.config(), matcher.config(), config.extract_at_camera_resolution)
     ref_features = {name: features_of_labelled(im) for name, im in real_labelled.items()}
-    decisions, kept = [], []
+    matched, feature_cameras = [], []
     n_extracted = 0
-    for i, (pose, entry, result) in enumerate(zip(poses, entries, renders)):
+    for i, (entry, result) in enumerate(zip(views.entries, views.renders)):
         ref_cam = by_name[entry["reference"]].camera
-        feat_cam = render_cameras[i]
+        feat_cam = views.cameras[i]
         if config.extract_at_camera_resolution and (feat_cam.width, feat_cam.height) != (ref_cam.width, ref_cam.height):
             feat_cam = ref_cam
         cache_path = render_dir / f"{entry['file']}.features.npz"
@@ -298,73 +381,34 @@ def run_synthesis(
             image = result.rgb
             if (feat_cam.width, feat_cam.height) != (image.shape[1], image.shape[0]):
                 image = cv2.resize(image, (feat_cam.width, feat_cam.height), interpolation=cv2.INTER_CUBIC)
-            feats = extractor.extract(image)
-            ref = ref_features[entry["reference"]]
-            matches = matcher.match(feats, ref).indices if len(feats) and len(ref) else np.zeros((0, 2), np.int64)
-            _save_render_features(cache_path, features_key, feats, matches)
+            cached = match_render(image, ref_features[entry["reference"]], extractor, matcher)
+            _save_render_features(cache_path, features_key, *cached)
             n_extracted += 1
             if n_extracted % 20 == 0:
-                log(f"[synthesis] features and matches for {i + 1}/{len(poses)} renders")
-        else:
-            feats, matches = cached
-        is_kept = len(matches) >= threshold
-        decisions.append({"name": pose.name, "reference": entry["reference"], "n_matches": int(len(matches)),
-                          "kept": bool(is_kept)})
-        if is_kept:
-            kept.append((i, feats, feat_cam, matches))
-    timings["filter_s"] = time.perf_counter() - t0
-    counts = [d["n_matches"] for d in decisions]
-    log(f"[synthesis] kept {len(kept)}/{len(poses)} renders (>= {threshold} matches; median "
-        f"{np.median(counts) if counts else 0:.0f})")
+                log(f"[synthesis] features and matches for {i + 1}/{len(views.entries)} renders")
+        matched.append(cached)
+        feature_cameras.append(feat_cam)
+    return matched, feature_cameras
 
-    # Labels.
-    t0 = time.perf_counter()
+
+def label_renders(kept: list[int], poses: list, views: RenderedViews, filtered: FilterResult,
+                  feature_cameras: list[CameraIntrinsics], real_labelled: dict[str, LabelledImage],
+                  config: SynthesisConfig) -> tuple[list[LabelledImage], dict[str, int]]:
+    """Labelled synthetic images of the kept renders (``offline.synthesis.labels``) and the label counts."""
     images: list[LabelledImage] = []
     label_totals: dict[str, int] = {}
-    for i, feats, feat_cam, matches in kept:
-        pose, entry, result = poses[i], entries[i], renders[i]
+    for i in kept:
+        pose, entry, result, match = poses[i], views.entries[i], views.renders[i], filtered.renders[i]
         map_points = None
         if config.labels.mode in ("depth", "both"):
             # The endpoints' triangulated points are the map evidence for this view.
             pts = [real_labelled[n].points3D[real_labelled[n].valid] for n in (pose.frame_a, pose.frame_b)]
             map_points = np.concatenate(pts) if pts else np.zeros((0, 3))
         image, label_stats = synthetic_labels(
-            pose.name, feats.keypoints, feats.descriptors, feat_cam, pose.T_world_cam,
-            real_labelled[entry["reference"]], matches, config.labels,
+            pose.name, match.features.keypoints, match.features.descriptors, feature_cameras[i], pose.T_world_cam,
+            real_labelled[entry["reference"]], match.matches, config.labels,
             depth_m=result.depth_m, accumulation=result.accumulation, map_points=map_points)
         images.append(image)
         for k, v in label_stats.items():
             label_totals[k] = label_totals.get(k, 0) + int(v)
-    timings["labels_s"] = time.perf_counter() - t0
-
-    stats.update({
-        "key": key,
-        "n_poses": len(poses),
-        "n_poses_before_cap": n_all,
-        "n_rendered": len(renders),
-        "n_rendered_now": n_new,
-        "n_kept": len(images),
-        "keep_threshold": threshold,
-        "match_count_histogram": match_count_histogram(counts, extractor.max_keypoints, config.filter.histogram_bins),
-        "match_count_median": float(np.median(counts)) if counts else 0.0,
-        "render_seconds_mean": float(np.mean(render_seconds)) if render_seconds else None,
-        "render_size": [render_cameras[0].width, render_cameras[0].height] if render_cameras else None,
-        "label_mode": config.labels.mode,
-        "labels": label_totals,
-        "n_valid_keypoints": int(sum(im.n_valid for im in images)),
-        "renderers": {r.name: sum(e["renderer"] == r.name for e in entries) for r in renderers},
-        "decisions": decisions,
-        "match_counts": [int(c) for c in counts],
-        # For the map report: where the kept views are, and a few real/render pairs to look at.
-        "kept_positions": [np.asarray(entries[i]["T_world_cam"], dtype=float)[:3, 3].tolist() for i, *_ in kept],
-        "samples": [{"reference_image": str(by_name[entries[i]["reference"]].image_path),
-                     "render_image": str(render_dir / f"{entries[i]['file']}.png"),
-                     "s": float(entries[i]["s"]), "matches": int(len(m))}
-                    for i, _, _, m in [kept[j] for j in even_indices(len(kept), fraction=min(1.0, 3 / len(kept)))]]
-                   if kept else [],
-        "timings_s": timings,
-    })
-    save_labelled(synthetic_path, images)
-    _write_json(stats_path, stats)
-    log(f"[synthesis] {len(images)} synthetic images, {stats['n_valid_keypoints']} labelled keypoints")
-    return SynthesisResult(images, stats)
+    return images, label_totals
