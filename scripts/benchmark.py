@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from offline.bench.ablation import ABLATION_TRAIN_ITERATIONS, ABLATION_VARIANTS, bench_ablation  # noqa: E402
+from offline.bench.ablation import add_ablation_parser  # noqa: E402
 from offline.bench.common import DEFAULT_DATA, REPO  # noqa: E402
 from offline.bench.core import bench_core  # noqa: E402
 from offline.bench.node import add_node_benchmark_parsers  # noqa: E402
@@ -42,31 +42,7 @@ def main() -> None:
     c.add_argument("--synthetic-ratio", type=float, help="with --synthesis: share of synthetic images per batch")
     c.set_defaults(func=bench_core)
 
-    a = sub.add_parser("ablation", help="D2S without vs with NeRF synthesis (matches/depth/both labels)")
-    a.add_argument("--data", default=str(DEFAULT_DATA))
-    a.add_argument("--runs", default=str(REPO / "runs" / "ablation"))
-    a.add_argument("--fractions", type=float, nargs="+", default=[0.04, 0.02])
-    a.add_argument("--variants", nargs="+", choices=ABLATION_VARIANTS, default=list(ABLATION_VARIANTS))
-    a.add_argument("--extractor", default="aliked")
-    a.add_argument("--train-iterations", type=int, default=ABLATION_TRAIN_ITERATIONS)  # the fast profile's budget
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--query-every", type=int, default=12)
-    a.add_argument("--psnr-frames", type=int, default=8)
-    a.add_argument("--jobs", type=int, default=2, help="fractions built side by side")
-    a.add_argument("--synthesis-max-poses", type=int,
-                   help="render at most this many novel views per fraction (default: the fast profile's)")
-    a.add_argument("--synthetic-ratio", type=float,
-                   help="share of synthetic images per training batch for the synthesis variants (build default 0.2)")
-    a.add_argument("--synthetic-unlabelled", choices=["unreliable", "ignored"],
-                   help="what renders' unlabelled keypoints teach the reliability head (build default: unreliable)")
-    a.add_argument("--synthesis-renderer", choices=["nerfacto", "rgbd-warp"], default="nerfacto",
-                   help="rgbd-warp: novel views warped from the RGB-D mapping frames (sharp, no NeRF), to tell "
-                        "synthesis's effect apart from render quality")
-    a.add_argument("--train-seed", type=int,
-                   help="seed of the D2S training alone, every variant (NeRF, renders and the other stages stay)")
-    a.add_argument("--report-only", action="store_true",
-                   help="write the section from the summaries a previous run saved in --runs")
-    a.set_defaults(func=bench_ablation)
+    add_ablation_parser(sub)
     add_node_benchmark_parsers(sub)
     args = p.parse_args()
     args.func(args)

@@ -5,14 +5,117 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from offline.bench.common import LOAD_SAMPLES, d2s_nerf, fmt_deg, fmt_m, fmt_pct, machine, run, write_section
+from offline.bench.common import (DEFAULT_DATA, LOAD_SAMPLES, REPO, d2s_nerf, fmt_deg, fmt_m, fmt_pct, machine, run,
+                                  write_section)
 
 ABLATION_VARIANTS = ("none", "matches", "depth", "both")
 ABLATION_TRAIN_ITERATIONS = 3000  # the fast profile's; another budget tags its maps and section
+
+
+@dataclass(frozen=True)
+class AblationOption:
+    """A build setting the ablation can vary. ``name`` is the argparse destination; the flag,
+    ``--name-with-dashes``, is the same for this benchmark and for ``d2s-nerf build``."""
+
+    name: str
+    tag: str | None          # suffix of the maps', summaries' and section's names, formatted with the value
+    default: Any = None      # at the default: no tag, no build flag, not in the shown command
+    synthesis_only: bool = False  # passed to the synthesis variants only (`none` is built without synthesis)
+    type: type = str
+    choices: tuple[str, ...] | None = None
+    help: str = ""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def value(self, args) -> Any:
+        """The value set in ``args``, or None when it is the default."""
+        value = getattr(args, self.name)
+        return None if value is None or value == self.default else value
+
+    def applies_to(self, variant: str) -> bool:
+        return variant != "none" or not self.synthesis_only
+
+
+# Options away from the build's defaults name their maps, summaries and section, so runs with other
+# settings sit beside the default ones (the work directory, and so the NeRF, is shared). The order
+# is the order of the tags in a name, of the build flags and of the shown command.
+ABLATION_OPTIONS = (
+    AblationOption("synthesis_renderer", "_{}", "nerfacto", synthesis_only=True, choices=("nerfacto", "rgbd-warp"),
+                   help="rgbd-warp: novel views warped from the RGB-D mapping frames (sharp, no NeRF), to tell "
+                        "synthesis's effect apart from render quality"),
+    AblationOption("synthetic_ratio", "_ratio{}", synthesis_only=True, type=float,
+                   help="share of synthetic images per training batch for the synthesis variants (build default 0.2)"),
+    AblationOption("synthetic_unlabelled", "_unlabelled-{}", synthesis_only=True, choices=("unreliable", "ignored"),
+                   help="what renders' unlabelled keypoints teach the reliability head (build default: unreliable)"),
+    AblationOption("train_seed", "_trainseed{}", type=int,
+                   help="seed of the D2S training alone, every variant (NeRF, renders and the other stages stay)"),
+    AblationOption("train_iterations", "_it{}", ABLATION_TRAIN_ITERATIONS, type=int,
+                   help=f"D2S training iterations (default {ABLATION_TRAIN_ITERATIONS}, the fast profile's budget)"),
+    # Untagged: it caps the renders shared in the work directory, and each summary records the count.
+    AblationOption("synthesis_max_poses", None, type=int,
+                   help="render at most this many novel views per fraction (default: the fast profile's)"),
+)
+
+
+def options_tag(args, variant: str | None = None) -> str:
+    """The name suffix of ``variant``'s map (None: of the summaries and the section, every option)."""
+    return "".join(o.tag.format(o.value(args)) for o in ABLATION_OPTIONS
+                   if o.tag is not None and o.value(args) is not None and (variant is None or o.applies_to(variant)))
+
+
+def options_build_flags(args, variant: str, synthesis_only: bool = False) -> list[str]:
+    """The ``d2s-nerf build`` flags of the options set in ``args`` that apply to ``variant``
+    (``synthesis_only``: of those that apply to the synthesis variants alone)."""
+    flags: list[str] = []
+    for o in ABLATION_OPTIONS:
+        if o.value(args) is not None and o.applies_to(variant) and (o.synthesis_only or not synthesis_only):
+            flags += [o.flag, str(o.value(args))]
+    return flags
+
+
+def variant_build_command(args, fraction: float, variant: str, map_dir: Path, work: Path) -> list[str]:
+    cmd = d2s_nerf() + ["build", args.data, "--out", str(map_dir), "--work-dir", str(work), "--fraction", str(fraction),
+                        "--profile", "fast", "--extractor", args.extractor, "--seed", str(args.seed), "--quiet"]
+    cmd += ["--no-synthesis"] if variant == "none" else ["--synthetic-labels", variant]
+    return cmd + options_build_flags(args, variant)
+
+
+def ablation_command(args) -> str:
+    """The benchmark's command line as the section shows it: what selects the runs, and every option set."""
+    parts = [".venv/bin/python", "scripts/benchmark.py", "ablation", "--fractions", *map(str, args.fractions),
+             "--variants", *args.variants, "--query-every", str(args.query_every), "--jobs", str(args.jobs)]
+    parts += ["--extractor", args.extractor] if args.extractor != "aliked" else []
+    parts += ["--seed", str(args.seed)] if args.seed != 0 else []
+    for o in ABLATION_OPTIONS:
+        parts += [o.flag, str(o.value(args))] if o.value(args) is not None else []
+    return shlex.join(parts)
+
+
+def add_ablation_parser(sub) -> None:
+    a = sub.add_parser("ablation", help="D2S without vs with NeRF synthesis (matches/depth/both labels)")
+    a.add_argument("--data", default=str(DEFAULT_DATA))
+    a.add_argument("--runs", default=str(REPO / "runs" / "ablation"))
+    a.add_argument("--fractions", type=float, nargs="+", default=[0.04, 0.02])
+    a.add_argument("--variants", nargs="+", choices=ABLATION_VARIANTS, default=list(ABLATION_VARIANTS))
+    a.add_argument("--extractor", default="aliked")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--query-every", type=int, default=12)
+    a.add_argument("--psnr-frames", type=int, default=8)
+    a.add_argument("--jobs", type=int, default=2, help="fractions built side by side")
+    for o in ABLATION_OPTIONS:
+        a.add_argument(o.flag, type=o.type, choices=o.choices, default=o.default, help=o.help)
+    a.add_argument("--report-only", action="store_true",
+                   help="write the section from the summaries a previous run saved in --runs")
+    a.set_defaults(func=bench_ablation)
 
 
 def heldout_render_psnr(work_dir: Path, data: str, map_dir: Path, query_every: int, n_frames: int,
@@ -48,14 +151,7 @@ def bench_ablation(args) -> None:
         variants.remove("none")
         variants.insert(0, "none")
 
-    # Options away from the build's defaults name their maps, summaries and section, so runs with
-    # other settings sit beside the default ones (the work directory, and so the NeRF, is shared).
-    synthesis_tag = ((f"_{args.synthesis_renderer}" if args.synthesis_renderer != "nerfacto" else "")
-                     + (f"_ratio{args.synthetic_ratio}" if args.synthetic_ratio is not None else "")
-                     + (f"_unlabelled-{args.synthetic_unlabelled}" if args.synthetic_unlabelled else ""))
-    seed_tag = ((f"_trainseed{args.train_seed}" if args.train_seed is not None else "")
-                + (f"_it{args.train_iterations}" if args.train_iterations != ABLATION_TRAIN_ITERATIONS else ""))
-    summary_tag = synthesis_tag + seed_tag
+    summary_tag = options_tag(args)
 
     def one_fraction(fraction: float) -> dict:
         tag = f"f{fraction}"
@@ -74,24 +170,10 @@ def bench_ablation(args) -> None:
             except (json.JSONDecodeError, AttributeError):
                 pass
         for variant in variants:
-            variant_tag = (synthesis_tag if variant != "none" else "") + seed_tag
-            map_dir = runs / f"{tag}_{variant}{variant_tag}"
-            cmd = d2s_nerf() + ["build", args.data, "--out", str(map_dir), "--work-dir", str(work),
-                                "--fraction", str(fraction), "--profile", "fast", "--extractor", args.extractor,
-                                "--train-iterations", str(args.train_iterations), "--seed", str(args.seed), "--quiet"]
-            cmd += ["--no-synthesis"] if variant == "none" else ["--synthetic-labels", variant]
-            if args.synthesis_max_poses:
-                cmd += ["--synthesis-max-poses", str(args.synthesis_max_poses)]
-            if variant != "none" and args.synthetic_ratio is not None:
-                cmd += ["--synthetic-ratio", str(args.synthetic_ratio)]
-            if variant != "none" and args.synthesis_renderer != "nerfacto":
-                cmd += ["--synthesis-renderer", args.synthesis_renderer]
-            if variant != "none" and args.synthetic_unlabelled:
-                cmd += ["--synthetic-unlabelled", args.synthetic_unlabelled]
-            if args.train_seed is not None:
-                cmd += ["--train-seed", str(args.train_seed)]
+            map_dir = runs / f"{tag}_{variant}{options_tag(args, variant)}"
+            cmd = variant_build_command(args, fraction, variant, map_dir, work)
             build_s = run(cmd, log)
-            eval_dir = runs / f"{tag}_{variant}{variant_tag}_eval"
+            eval_dir = map_dir.with_name(map_dir.name + "_eval")
             results_path = eval_dir / "results.json"
             fresh = (results_path.exists() and results_path.stat().st_mtime > (map_dir / "manifest.json").stat().st_mtime
                      and json.loads(results_path.read_text()).get("n_queries"))
@@ -138,14 +220,10 @@ def bench_ablation(args) -> None:
     missing = [f"{s['fraction']}: {v}" for s in summaries for v in variants if v not in s["variants"]]
 
     date = datetime.date.today().isoformat()
-    command = (f".venv/bin/python scripts/benchmark.py ablation --fractions {' '.join(map(str, args.fractions))} "
-               f"--variants {' '.join(variants)} --train-iterations {args.train_iterations} --query-every {args.query_every}"
-               f" --jobs {args.jobs}"
-               + (f" --synthesis-max-poses {args.synthesis_max_poses}" if args.synthesis_max_poses else "")
-               + (f" --synthetic-ratio {args.synthetic_ratio}" if args.synthetic_ratio is not None else "")
-               + (f" --synthetic-unlabelled {args.synthetic_unlabelled}" if args.synthetic_unlabelled else "")
-               + (f" --synthesis-renderer {args.synthesis_renderer}" if args.synthesis_renderer != "nerfacto" else "")
-               + (f" --train-seed {args.train_seed}" if args.train_seed is not None else ""))
+    command = ablation_command(args)
+    every_variant = ["d2s-nerf", "build", "--profile", "fast", "--extractor", args.extractor, "--seed", str(args.seed),
+                     *options_build_flags(args, "none")]
+    synthesis_flags = options_build_flags(args, "matches", synthesis_only=True)
     lines = [
         "## NeRF descriptor synthesis ablation (RedKitchen, sparse mapping)",
         "",
@@ -155,13 +233,12 @@ def bench_ablation(args) -> None:
         f"- Machine: {machine()}; date {date}"
         + (f"; 1-minute load average during the run {min(LOAD_SAMPLES):.1f} to {max(LOAD_SAMPLES):.1f}" if LOAD_SAMPLES
            else "; other jobs shared the CPU during the run (the times are noisy)"),
-        f"- Every variant: `d2s-nerf build --profile fast --extractor {args.extractor} --train-iterations "
-        f"{args.train_iterations} --seed {args.seed}"
-        + (f" --train-seed {args.train_seed}" if args.train_seed is not None else "")
-        + "` on the same mapping frames, one shared work directory per "
-        "fraction (features, labels, augmentation, NeRF and renders computed once); `none` is `--no-synthesis`, the "
-        "others `--synthetic-labels MODE`. Queries: every "
-        f"{args.query_every}th frame not used for mapping; a failed query counts as an infinite error.",
+        f"- Every variant: `{shlex.join(every_variant)}` ({args.train_iterations} D2S training iterations) on the "
+        "same mapping frames, one shared work directory per fraction (features, labels, augmentation, NeRF and "
+        "renders computed once); `none` is `--no-synthesis`, the others `--synthetic-labels MODE`"
+        + (f" `{shlex.join(synthesis_flags)}`" if synthesis_flags else "")
+        + f". Queries: every {args.query_every}th frame not used for mapping, held-out frames of the same recording "
+        "as the mapping frames (not the 7-Scenes test split); a failed query counts as an infinite error.",
     ]
     if missing:
         lines.append(f"- **Not finished in this run** (fraction: variant): {', '.join(missing)}")
