@@ -17,11 +17,12 @@ export ROS_DOMAIN_ID
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: help setup test demo tf2-msgs lock
+.PHONY: help setup test test-fast demo tf2-msgs lock
 
 help:
 	@echo "make setup     create/refresh $(VENV) with the pinned stack (idempotent; a no-op when up to date)"
 	@echo "make test      setup, then the test suite (PYTEST_ARGS='-k dds' to select)"
+	@echo "make test-fast setup, then the tests that build no map and run no colcon (minutes; the edit loop)"
 	@echo "make demo      setup, then d2s-nerf demo (DEMO_ARGS='...' passes options)"
 	@echo "make tf2-msgs  (re)generate tf2_msgs into the venv with rosidl"
 	@echo "make lock      freeze the working venv into requirements/lock.txt"
@@ -33,6 +34,13 @@ setup:
 test: setup
 	@echo "[test] ROS_AUTOMATIC_DISCOVERY_RANGE=$$ROS_AUTOMATIC_DISCOVERY_RANGE ROS_DOMAIN_ID=$$ROS_DOMAIN_ID"
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The edit loop: no map builds, no NeRF training, no colcon, nothing marked slow (pytest.ini's
+# markers). `make test` and CI still run everything.
+FAST_MARKERS := not slow and not builds
+test-fast: setup
+	@echo "[test-fast] ROS_AUTOMATIC_DISCOVERY_RANGE=$$ROS_AUTOMATIC_DISCOVERY_RANGE ROS_DOMAIN_ID=$$ROS_DOMAIN_ID"
+	$(VENV)/bin/python -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/d2s-nerf demo $(DEMO_ARGS)

@@ -17,6 +17,8 @@ from offline.build import BuildConfig, ExtractorSettings, build_map
 from offline.demo_scene import write_demo_bag
 from offline.sources import BagSourceOptions, open_source
 
+pytestmark = pytest.mark.builds  # maps or colcon: left out of make test-fast
+
 N_FRAMES = 48
 
 

@@ -52,6 +52,7 @@ def mapping(redkitchen_dir, tmp_path_factory):
     return frameset.subset([0, 25, 50, 75])
 
 
+@pytest.mark.builds
 def test_default_settings_keep_the_keys_of_existing_work_directories(mapping, tmp_path):
     work = tmp_path / "map.work"
     build_map(mapping, tmp_path / "map", tiny_config(), work_dir=work, progress=False, log=lambda m: None)

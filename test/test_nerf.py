@@ -223,6 +223,7 @@ def tiny_nerf(tmp_path_factory):
             "seconds": time.perf_counter() - t0}
 
 
+@pytest.mark.builds
 def test_tiny_nerfacto_depth_matches_the_known_geometry(tiny_nerf):
     from offline.nerf.renderer import NerfactoRenderer
 
@@ -279,6 +280,7 @@ def test_depth_conversion_from_ray_distance_to_z():
     np.testing.assert_allclose(ray_z_factor(cam, u, v), expected, rtol=1e-12)
 
 
+@pytest.mark.builds
 def test_tiny_nerfacto_rerun_loads_instead_of_training(tiny_nerf):
     from offline.nerf.nerfacto import STATE_FILE, train_nerfacto
 
@@ -297,6 +299,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.builds
 def test_interrupted_training_resumes_to_the_same_model(tmp_path):
     """Killed after a checkpoint, a rerun continues from it and ends where an uninterrupted run
     ends (rays, jitter, Adam state and the proposal schedule are all restored)."""

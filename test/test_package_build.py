@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.builds  # maps or colcon: left out of make test-fast
+
 PACKAGE = "d2s_nerf_ros"
 EXECUTABLES = {"localizer": "d2s_nerf_ros.node", "d2s-nerf": "offline.cli"}
 # The onboard runtime must run on a robot without the offline stack.

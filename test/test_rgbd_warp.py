@@ -90,6 +90,7 @@ def test_bad_input(room, tmp_path):
                                 depth_path=broken)]).render(frames[0].T_world_cam, DEMO_CAMERA)
 
 
+@pytest.mark.builds
 def test_a_build_with_the_warp_renderer_trains_on_its_views(room, tmp_path):
     """build_map end to end with ``synthesis_renderer="rgbd-warp"``: no NeRF is trained, views are
     rendered at full resolution in their own stage directory, kept ones reach the training and the
