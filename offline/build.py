@@ -452,8 +452,7 @@ def synthesis_stage(runner: StageRunner, config: BuildConfig, mapping: MappingFr
     frames = mapping.frames
     syn_cfg = synthesis_config_for_profile(config.profile, labels=config.synthetic_labels,
                                            nerf_iterations=config.nerf_iterations, seed=config.seed,
-                                           device=config.device, max_keypoints=config.extractor.max_keypoints,
-                                           keep_fraction=config.synthesis_keep_fraction,
+                                           device=config.device, keep_fraction=config.synthesis_keep_fraction,
                                            max_poses=config.synthesis_max_poses,
                                            # one torch thread beats two on a small shared CPU (see NerfactoConfig)
                                            cpu_threads=config.train_threads)

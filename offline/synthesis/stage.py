@@ -61,9 +61,8 @@ class SynthesisConfig:
 
 
 def synthesis_config_for_profile(profile: str, labels: str = "matches", nerf_iterations: int | None = None,
-                                 seed: int = 0, device: str = "auto", max_keypoints: int | None = None,
-                                 keep_fraction: float | None = None, max_poses: int | None = None,
-                                 cpu_threads: int | None = None) -> SynthesisConfig:
+                                 seed: int = 0, device: str = "auto", keep_fraction: float | None = None,
+                                 max_poses: int | None = None, cpu_threads: int | None = None) -> SynthesisConfig:
     """``fast``: reduced nerfacto, renders at 1/4 resolution, at most 60 novel views, keep
     threshold 6 % of the keypoint budget; ``paper``: nerfacto defaults, full resolution, every
     novel view, the paper's threshold (500 of 4096 keypoints, ~12 %).
@@ -73,7 +72,7 @@ def synthesis_config_for_profile(profile: str, labels: str = "matches", nerf_ite
     with the paper's 12 % about 90 % of such renders were dropped on RedKitchen.
 
     The filter threshold is a fraction of the extractor's keypoint budget, read from the extractor
-    at run time; ``max_keypoints`` is accepted for the callers' fingerprints and checked there.
+    at run time (the budget is in the stage key through the labels' key).
     """
     if profile not in ("fast", "paper"):
         raise ValueError(f"unknown profile {profile!r}; known: fast, paper")
