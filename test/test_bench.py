@@ -63,7 +63,8 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_defaults_give_no_tag_no_flags_and_a_short_command():
     args = parse()
     assert options_tag(args) == "" and options_tag(args, "none") == options_tag(args, "matches") == ""
-    assert options_build_flags(args, "none") == options_build_flags(args, "depth") == []
+    # The training budget is the benchmark's, whatever the build profile's default becomes.
+    assert options_build_flags(args, "none") == options_build_flags(args, "depth") == ["--train-iterations", "3000"]
     assert ablation_command(args) == (".venv/bin/python scripts/benchmark.py ablation --fractions 0.04 0.02 "
                                       "--variants none matches depth both --query-every 12 --jobs 2")
 
@@ -73,9 +74,11 @@ def test_a_synthesis_option_tags_and_flags_the_synthesis_variants_only():
                  "--synthetic-ratio", "0.2", "--synthetic-unlabelled", "ignored")
     assert options_tag(args, "none") == ""
     assert options_tag(args, "matches") == options_tag(args) == "_rgbd-warp_ratio0.2_unlabelled-ignored"
-    assert options_build_flags(args, "none") == []
-    assert options_build_flags(args, "matches") == ["--synthesis-renderer", "rgbd-warp", "--synthetic-ratio", "0.2",
-                                                     "--synthetic-unlabelled", "ignored"]
+    assert options_build_flags(args, "none") == ["--train-iterations", "3000"]
+    assert options_build_flags(args, "matches", synthesis_only=True) == [
+        "--synthesis-renderer", "rgbd-warp", "--synthetic-ratio", "0.2", "--synthetic-unlabelled", "ignored"]
+    assert options_build_flags(args, "matches") == options_build_flags(args, "matches", synthesis_only=True) + [
+        "--train-iterations", "3000"]
     assert ablation_command(args).endswith("--jobs 2 --synthesis-renderer rgbd-warp --synthetic-ratio 0.2 "
                                            "--synthetic-unlabelled ignored")
 
@@ -90,8 +93,9 @@ def test_training_options_tag_every_variant_and_reach_the_build(tmp_path):
         assert ("--no-synthesis" in cmd) == (variant == "none")
         assert ("--synthetic-labels depth" in shown) == (variant == "depth")
     assert ablation_command(args).endswith("--train-seed 1 --train-iterations 500 --synthesis-max-poses 60")
-    # The fast profile's own budget, given explicitly, is the default: no tag, no flag.
+    # The fast profile's own budget, given explicitly, is the default: no tag, not in the shown command.
     assert options_tag(parse("--train-iterations", "3000")) == ""
+    assert "--train-iterations" not in ablation_command(parse("--train-iterations", "3000"))
 
 
 def test_the_build_accepts_every_option_it_is_given(tmp_path):

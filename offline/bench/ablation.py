@@ -28,6 +28,7 @@ class AblationOption:
     tag: str | None          # suffix of the maps', summaries' and section's names, formatted with the value
     default: Any = None      # at the default: no tag, no build flag, not in the shown command
     synthesis_only: bool = False  # passed to the synthesis variants only (`none` is built without synthesis)
+    always_built: bool = False    # passed to the build at its default too: the benchmark fixes it, not the build's profile
     type: type = str
     choices: tuple[str, ...] | None = None
     help: str = ""
@@ -58,7 +59,7 @@ ABLATION_OPTIONS = (
                    help="what renders' unlabelled keypoints teach the reliability head (build default: unreliable)"),
     AblationOption("train_seed", "_trainseed{}", type=int,
                    help="seed of the D2S training alone, every variant (NeRF, renders and the other stages stay)"),
-    AblationOption("train_iterations", "_it{}", ABLATION_TRAIN_ITERATIONS, type=int,
+    AblationOption("train_iterations", "_it{}", ABLATION_TRAIN_ITERATIONS, type=int, always_built=True,
                    help=f"D2S training iterations (default {ABLATION_TRAIN_ITERATIONS}, the fast profile's budget)"),
     # Untagged: it caps the renders shared in the work directory, and each summary records the count.
     AblationOption("synthesis_max_poses", None, type=int,
@@ -77,8 +78,9 @@ def options_build_flags(args, variant: str, synthesis_only: bool = False) -> lis
     (``synthesis_only``: of those that apply to the synthesis variants alone)."""
     flags: list[str] = []
     for o in ABLATION_OPTIONS:
-        if o.value(args) is not None and o.applies_to(variant) and (o.synthesis_only or not synthesis_only):
-            flags += [o.flag, str(o.value(args))]
+        value = getattr(args, o.name) if o.always_built else o.value(args)
+        if value is not None and o.applies_to(variant) and (o.synthesis_only or not synthesis_only):
+            flags += [o.flag, str(value)]
     return flags
 
 
@@ -233,10 +235,10 @@ def bench_ablation(args) -> None:
         f"- Machine: {machine()}; date {date}"
         + (f"; 1-minute load average during the run {min(LOAD_SAMPLES):.1f} to {max(LOAD_SAMPLES):.1f}" if LOAD_SAMPLES
            else "; other jobs shared the CPU during the run (the times are noisy)"),
-        f"- Every variant: `{shlex.join(every_variant)}` ({args.train_iterations} D2S training iterations) on the "
+        f"- Every variant: `{shlex.join(every_variant)}` on the "
         "same mapping frames, one shared work directory per fraction (features, labels, augmentation, NeRF and "
         "renders computed once); `none` is `--no-synthesis`, the others `--synthetic-labels MODE`"
-        + (f" `{shlex.join(synthesis_flags)}`" if synthesis_flags else "")
+        + (f" with `{shlex.join(synthesis_flags)}`" if synthesis_flags else "")
         + f". Queries: every {args.query_every}th frame not used for mapping, held-out frames of the same recording "
         "as the mapping frames (not the 7-Scenes test split); a failed query counts as an infinite error.",
     ]
