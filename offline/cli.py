@@ -176,19 +176,38 @@ def cmd_evaluate(args) -> int:
 
     bundle = MapBundle.load(Path(args.map), device="cpu")
     map_names = {f["name"] for f in bundle.manifest.get("frames", [])}
+    # Frames the training watched for its learning curves are not held out either: never scored.
+    map_names |= set(bundle.manifest.get("training", {}).get("validation_frames", []))
     out = Path(args.out)
     queries = _query_frames(args, Path(args.query_source), map_names, args.every, out / "source")
+    load_input = None
     if args.method == "d2s":
         cfg = LocalizerConfig(device=args.device)
         if args.reliability_threshold is not None:
             cfg.reliability_threshold = args.reliability_threshold
         method = Localizer.from_path(Path(args.map), cfg)
         method.warmup()
+        if args.feature_cache:
+            from offline.query_features import cached_features
+
+            feats, stats = cached_features(queries, method.extractor, Path(args.feature_cache), method.device.type,
+                                           progress=not args.quiet)
+            print(f"query features: {stats.hits} from the cache, {stats.extracted} extracted"
+                  + (f", {len(stats.failed)} unreadable" if stats.failed else ""), file=sys.stderr)
+
+            def load_input(frame):
+                if frame.name not in feats:
+                    raise ValueError(stats.failed.get(frame.name, "no features"))
+                return feats[frame.name]
+
+            localize = method.localize_features
     else:
         from offline.baseline import MatchingBaseline, MatchingBaselineConfig
 
         method = MatchingBaseline(Path(args.map), MatchingBaselineConfig(device=args.device))
-    summary, rows = evaluate_localizer(method.localize, queries, progress=not args.quiet)
+    if load_input is None:
+        localize = method.localize
+    summary, rows = evaluate_localizer(localize, queries, progress=not args.quiet, load_input=load_input)
     summary["method"] = args.method
     summary["map"] = str(args.map)
     write_results(out, summary, rows)
@@ -197,8 +216,8 @@ def cmd_evaluate(args) -> int:
     plot_error_cdf(out, [errors_t], [errors_r], [args.method])
     written = json.loads((out / "results.json").read_text())  # inf is written as null there
     print(json.dumps({k: written.get(k) for k in (
-        "n_queries", "n_failed", "median_translation_m", "median_rotation_deg",
-        "recall_5cm_5deg", "recall_10cm_10deg")}, indent=1))
+        "n_queries", "n_failed", "median_translation_m", "median_translation_ci95_m", "median_rotation_deg",
+        "recall_2cm", "recall_5cm", "recall_10cm", "recall_5cm_5deg", "recall_10cm_10deg")}, indent=1))
     return 0
 
 
@@ -271,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--method", choices=["d2s", "match"], default="d2s")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     e.add_argument("--reliability-threshold", type=float)
+    e.add_argument("--feature-cache", metavar="DIR",
+                   help="d2s: reuse query features from DIR (keyed by extractor settings and image bytes), "
+                        "extracting only what is missing; scoring another map then costs only D2S + PnP")
     e.add_argument("--quiet", action="store_true")
     add_source_arguments(e)
     e.set_defaults(func=cmd_evaluate)
