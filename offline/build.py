@@ -63,6 +63,11 @@ class BuildConfig:
     device: str = "auto"
     seed: int = 0
     train_seed: int | None = None       # D2S initialisation and batches only (None: seed); the cached stages stay
+    train_minutes: float | None = None  # wall-clock D2S budget: the schedule is fitted to it (offline/train_d2s.py)
+    train_lr_schedule: str = "steps"    # "steps" | "cosine" | "onecycle"
+    train_loss_reduction: str = "normalised"  # "normalised" | "published" (the D2S code's sums)
+    train_early_batch: tuple[int, int] | None = None  # (images, keypoints each) for the first half of training
+    validation_frames: int = 6          # non-mapping frames for the learning curves, never scored as queries
 
     def validate(self) -> None:
         if self.labels not in LABEL_MODES:
@@ -75,12 +80,20 @@ class BuildConfig:
             raise ValueError("give --fraction or --every, not both")
         if self.train_seed is not None and self.train_seed < 0:
             raise ValueError(f"train_seed must be >= 0 (or None), got {self.train_seed}")
+        if self.train_early_batch is not None:
+            self.train_early_batch = (int(self.train_early_batch[0]), int(self.train_early_batch[1]))
+        if self.validation_frames < 0:
+            raise ValueError(f"validation_frames must be >= 0, got {self.validation_frames}")
         if self.train_threads is not None and self.train_threads < 1:
             raise ValueError(f"train_threads must be >= 1 (or None), got {self.train_threads}")
         self.model_head_dims = tuple(int(d) for d in self.model_head_dims)
         if self.synthesis_keep_fraction is not None and not 0.0 <= self.synthesis_keep_fraction <= 1.0:
             raise ValueError(f"synthesis keep fraction must be in [0, 1], got {self.synthesis_keep_fraction}")
-        from offline.train_d2s import SYNTHETIC_UNLABELLED
+        from offline.train_d2s import LOSS_REDUCTIONS, LR_SCHEDULES, SYNTHETIC_UNLABELLED
+
+        if self.train_lr_schedule not in LR_SCHEDULES or self.train_loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"train_lr_schedule must be one of {LR_SCHEDULES} and train_loss_reduction one of "
+                             f"{LOSS_REDUCTIONS}, got {self.train_lr_schedule!r}, {self.train_loss_reduction!r}")
 
         if self.synthetic_unlabelled not in SYNTHETIC_UNLABELLED:
             raise ValueError(f"synthetic unlabelled must be one of {', '.join(SYNTHETIC_UNLABELLED)}, "
@@ -287,6 +300,10 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
         raise ValueError(f"all mapping frames must share one image size, got {sorted(cameras)}")
     frames_key = fingerprint([(f.name, f.T_world_cam, f.camera.to_dict()) for f in frames])
     mapping.save(work_dir / "mapping_frames.json")
+    from offline.validation import select_validation_frames, validation_images
+
+    validation_frames = select_validation_frames(list(frameset.frames), {f.name for f in frames},
+                                                 config.validation_frames)
 
     extractor = make_extractor(config.extractor.name, max_keypoints=config.extractor.max_keypoints,
                                device=config.device, resize_max=config.extractor.resize_max)
@@ -378,11 +395,14 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
         max_keypoints_per_image=config.train_keypoints_per_image, lr=config.train_lr,
         synthetic_ratio=config.synthetic_ratio if synthetic else 0.0,
         synthetic_unlabelled=config.synthetic_unlabelled if synthetic else "unreliable",
-        seed=config.seed if config.train_seed is None else config.train_seed, device=str(device))
-    # "unreliable" was the only behaviour before the option existed: it stays out of the key, so
-    # trainings cached before it keep their keys.
-    train_key_cfg = {k: v for k, v in to_jsonable(train_cfg).items()
-                     if not (k == "synthetic_unlabelled" and v == "unreliable")}
+        seed=config.seed if config.train_seed is None else config.train_seed, device=str(device),
+        train_minutes=config.train_minutes, lr_schedule=config.train_lr_schedule,
+        loss_reduction=config.train_loss_reduction,
+        early_images_per_batch=config.train_early_batch[0] if config.train_early_batch else None,
+        early_keypoints_per_image=config.train_early_batch[1] if config.train_early_batch else None)
+    from offline.train_d2s import training_cache_key
+
+    train_key_cfg = training_cache_key(train_cfg)
     train_key = fingerprint(label_key, aug_cfg, synthesis_stats.get("key"), model_cfg, train_key_cfg)
     train_dir = work_dir / f"train-{train_key}"
     t0 = time.perf_counter()
@@ -391,8 +411,9 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
         # On a small shared CPU one thread is often faster than two (oversubscription).
         torch.set_num_threads(config.train_threads)
     try:
+        validation = validation_images(validation_frames, extractor, work_dir / "query_features", device.type, log)
         result = train_d2s(real + augmented, train_cfg, model_cfg, train_dir, synthetic=synthetic or None,
-                           progress=progress)
+                           progress=progress, validation=validation)
     finally:
         torch.set_num_threads(threads_before)
     elapsed = time.perf_counter() - t0
@@ -404,6 +425,7 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
     runner.cached["training"] = elapsed < 0.5 * trained_s
     final_loss = float(history[-1]["loss"]) if history else None
     write_json_atomic(work_dir / "training_history.json", history)
+    write_json_atomic(work_dir / "learning_curves.json", result.curves)
 
     # Bundle ----------------------------------------------------------------------
     from safetensors.numpy import save as safetensors_bytes
@@ -411,6 +433,8 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
     training_info = {"config": to_jsonable(train_cfg), "final_loss": final_loss,
                      "n_real_images": len(real), "n_augmented_images": len(augmented),
                      "n_synthetic_images": len(synthetic), "n_labelled_keypoints": n_labelled,
+                     "iterations_planned": result.iterations_planned, "step_seconds": result.step_seconds,
+                     "validation_frames": [f.name for f in validation_frames],
                      "build": to_jsonable(config)}
     bundle = MapBundle.create(
         model=result.model, extractor=extractor.config(), camera=frames[0].camera,
@@ -426,7 +450,7 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
     # Named after OUT: builds of other maps that share this work directory stage beside it.
     staged = bundle.save(work_dir / f"{STAGED_BUNDLE}-{out.name}")
     report = write_report(staged, work_dir / "report.html", frames, real, history, synthesis_stats,
-                          query_frames=query_frames, map_name=out.name)
+                          query_frames=query_frames, map_name=out.name, learning_curves=result.curves)
     bundle.add_file("report.html", report)
     bundle.save(out)
     shutil.rmtree(staged, ignore_errors=True)

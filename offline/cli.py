@@ -56,6 +56,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_minutes(text: str) -> float:
+    value = _parse_floats(text, 1, "--train-minutes")[0]
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--train-minutes must be a positive number, got {text!r}")
+    return value
+
+
+def _early_batch(text: str) -> tuple[int, int]:
+    values = _parse_floats(text, 2, "--early-batch (IMAGES,KEYPOINTS)")
+    if any(v < 1 or v != int(v) for v in values):
+        raise argparse.ArgumentTypeError(f"--early-batch takes two positive integers, got {text!r}")
+    return int(values[0]), int(values[1])
+
+
 def add_source_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("bag sources")
     g.add_argument("--image-topic", help="image topic (sensor_msgs/Image or CompressedImage)")
@@ -124,6 +138,11 @@ def cmd_build(args) -> int:
             setattr(config, name, getattr(args, name))
     if args.train_iterations:
         config.train_iterations = args.train_iterations
+    for flag, name in (("train_minutes", "train_minutes"), ("lr_schedule", "train_lr_schedule"),
+                       ("train_lr", "train_lr"), ("loss_reduction", "train_loss_reduction"),
+                       ("early_batch", "train_early_batch"), ("validation_frames", "validation_frames")):
+        if getattr(args, flag) is not None:
+            setattr(config, name, getattr(args, flag))
     if args.nerf_iterations:
         config.nerf_iterations = args.nerf_iterations
     if args.synthesis_keep_fraction is not None:
@@ -259,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--matcher", choices=["auto", "lightglue", "mnn"], help="default auto: LightGlue unless the extractor is SIFT")
     b.add_argument("--train-iterations", type=int)
     b.add_argument("--nerf-iterations", type=int)
+    b.add_argument("--train-minutes", type=_positive_minutes, metavar="M",
+                   help="D2S training wall-clock budget: the step time is measured and the iteration count fixed "
+                        "so that the whole LR schedule, its anneal included, fits M minutes (overrides "
+                        "--train-iterations)")
+    b.add_argument("--lr-schedule", choices=["steps", "cosine", "onecycle"],
+                   help="D2S learning rate: steps (halvings, the default), cosine (full anneal), onecycle (ACE's)")
+    b.add_argument("--train-lr", type=float, help="D2S peak learning rate (fast 2e-3)")
+    b.add_argument("--loss-reduction", choices=["normalised", "published"],
+                   help="D2S loss terms: normalised means (default) or the published code's per-image sums")
+    b.add_argument("--early-batch", type=_early_batch, metavar="IMAGES,KEYPOINTS",
+                   help="for the first half of D2S training: IMAGES images per batch with KEYPOINTS keypoints each "
+                        "(then the profile's batch with all keypoints)")
+    b.add_argument("--validation-frames", type=int,
+                   help="non-mapping frames held out for the learning curves and never scored (default 6)")
     b.add_argument("--synthesis-keep-fraction", type=float,
                    help="keep a render with at least this fraction of --max-keypoints LightGlue matches to its "
                         "reference frame (fast 0.06, paper 0.12)")

@@ -160,6 +160,21 @@ class TrainResult:
     step_seconds: float | None = None  # the measured step time train_minutes planned with
 
 
+# Options added after trainings were cached: at these values they stay out of the training's
+# cache key (offline/build.py), so trainings cached before them keep their keys.
+_KEY_NEUTRAL_DEFAULTS = {"synthetic_unlabelled": "unreliable", "lr_schedule": "steps", "onecycle_rise_fraction": 0.25,
+                         "loss_reduction": "normalised", "early_images_per_batch": None,
+                         "early_keypoints_per_image": None, "early_fraction": 0.5, "train_minutes": None,
+                         "calibration_steps": 8, "curve_points": 12}
+
+
+def training_cache_key(config: D2STrainConfig) -> dict[str, Any]:
+    """The config fields that name a cached training: all, less the newer options at their defaults,
+    less ``curve_points`` (how often the curves are taken does not change the model)."""
+    return {k: v for k, v in config.to_dict().items()
+            if k != "curve_points" and not (k in _KEY_NEUTRAL_DEFAULTS and v == _KEY_NEUTRAL_DEFAULTS[k])}
+
+
 def batch_shape(config: D2STrainConfig, iteration: int | None) -> tuple[int, int]:
     """(images, keypoints per image) of step ``iteration``; None: the full (late) batch."""
     early = iteration is not None and iteration < config.early_fraction * config.iterations
