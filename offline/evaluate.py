@@ -157,6 +157,45 @@ def block_bootstrap_ci(values: Sequence[float], statistic: Callable[[np.ndarray]
             "confidence": confidence}
 
 
+def paired_median_change_ci(errors_a: np.ndarray, errors_b: np.ndarray, block_length: int | None = None,
+                            confidence: float = 0.95, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                            seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Relative change of the median error from arm A to arm B, median_B / median_A - 1, with a
+    bootstrap interval that holds both sources of noise: the training seeds (resampled with
+    replacement within each arm) and the queries (circular blocks of consecutive queries, the
+    same blocks for both arms: the comparison is paired per query).
+
+    ``errors_a`` / ``errors_b``: (seeds, queries) arrays over the same queries in recording
+    order, inf for a failed query. A median pools every (seed, query) entry of an arm.
+    """
+    a = np.atleast_2d(np.asarray(errors_a, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(errors_b, dtype=np.float64))
+    if a.shape[1] != b.shape[1] or a.shape[1] == 0:
+        raise ValueError(f"both arms need errors for the same non-empty set of queries, got {a.shape} and {b.shape}")
+    n = a.shape[1]
+    block = auto_block_length(np.median(a, axis=0)) if block_length is None else int(block_length)
+    rng = np.random.default_rng(seed)
+    idx = _block_starts(n, min(block, n), int(n_resamples), rng)
+    seeds_a = rng.integers(0, a.shape[0], size=(int(n_resamples), a.shape[0]))
+    seeds_b = rng.integers(0, b.shape[0], size=(int(n_resamples), b.shape[0]))
+    changes = np.empty(int(n_resamples))
+    for i in range(int(n_resamples)):
+        med_a = np.median(a[seeds_a[i]][:, idx[i]])
+        med_b = np.median(b[seeds_b[i]][:, idx[i]])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            changes[i] = med_b / med_a - 1.0
+    changes = np.sort(changes[~np.isnan(changes)])  # inf / inf: both arms failed on most of the resample
+    with np.errstate(invalid="ignore", divide="ignore"):
+        point = float(np.median(b) / np.median(a) - 1.0)
+    if len(changes) == 0:
+        return {"change": point, "low": None, "high": None, "excludes_zero": False, "block_length": block}
+    alpha = (1.0 - confidence) / 2.0
+    lo = float(changes[int(math.floor(alpha * (len(changes) - 1)))])
+    hi = float(changes[int(math.ceil((1.0 - alpha) * (len(changes) - 1)))])
+    return {"change": point, "low": lo, "high": hi, "excludes_zero": bool(lo > 0 or hi < 0),
+            "block_length": int(block), "n_resamples": int(n_resamples), "confidence": confidence}
+
+
 def latency_summary(timings: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
     """{stage: {"p50", "p90", "mean", "n"}} in milliseconds over the frames that report the stage."""
     stages: list[str] = []

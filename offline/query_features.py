@@ -43,11 +43,9 @@ def extractor_cache_key(extractor_config: dict[str, Any], device_type: str) -> s
 
 def image_digest(path: Path) -> str:
     """sha256 of the image file's bytes (a few ms per 640x480 JPEG)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from d2s_nerf_ros.map_bundle import sha256_file
+
+    return sha256_file(path)
 
 
 @dataclass
