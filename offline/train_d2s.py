@@ -579,7 +579,8 @@ def train_d2s(
         _set_generator_state(generator, state["generator"])
         if config.train_minutes is not None and state.get("iterations_planned"):
             # The schedule a wall-clock budget fixed is kept: resuming must not re-plan it.
-            config = dataclasses.replace(config, iterations=int(state["iterations_planned"]))
+            config = dataclasses.replace(config, iterations=int(state["iterations_planned"]),
+                                         curve_points=int(state.get("curve_points", config.curve_points)))
 
     probe = train_probe(real)
 
@@ -601,6 +602,10 @@ def train_d2s(
         curve_s = time.perf_counter() - t0
         if config.train_minutes is not None:
             step_seconds = measure_step_seconds(model, packed, config, device, use_amp)
+            # The curves may take at most a tenth of the budget: fewer points rather than fewer steps.
+            affordable = int(0.1 * 60.0 * config.train_minutes / max(curve_s, 1e-6))
+            if config.curve_points and affordable < config.curve_points:
+                config = dataclasses.replace(config, curve_points=max(1, affordable))
             fixed_s = (time.perf_counter() - t_begin) + config.curve_points * curve_s
             config = dataclasses.replace(config, iterations=iterations_for_budget(
                 60.0 * config.train_minutes, step_seconds, fixed_s))
@@ -612,7 +617,7 @@ def train_d2s(
     def checkpoint(iteration: int, seconds: float) -> None:
         _save_checkpoint(work_dir, model, optimizer, {
             "iteration": iteration, "seconds": seconds, "history": history, "curves": curves,
-            "iterations_planned": config.iterations, "step_seconds": step_seconds,
+            "iterations_planned": config.iterations, "step_seconds": step_seconds, "curve_points": config.curve_points,
             "generator": _generator_state(generator), "model_config": model_config.to_dict(),
             "data_fingerprint": packed.fingerprint, "train_config": config.to_dict(),
         })
