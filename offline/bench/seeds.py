@@ -87,7 +87,10 @@ def bench_seeds(args) -> None:
     if args.report_only:
         summary = json.loads(summary_path.read_text())
     else:
-        summary = {"arms": {arm: _arm_runs(args, runs, arm, flags, log) for arm, flags in arms.items()}}
+        summary = {"arms": {arm: _arm_runs(args, runs, arm, flags, log) for arm, flags in arms.items()},
+                   "query_every": args.query_every}
+    # The section describes the run that made the summary, whatever --report-only was given.
+    args.query_every = summary.get("query_every", args.query_every)
     entries_a, entries_b = summary["arms"]["A"], summary["arms"]["B"]
     names = [q["name"] for q in entries_a[0]["results"]["queries"]]
     for e in entries_a + entries_b:
@@ -116,7 +119,7 @@ def bench_seeds(args) -> None:
 - Command: `.venv/bin/python scripts/benchmark.py seeds --name {args.name} --fraction {args.fraction} --seeds {' '.join(map(str, args.seeds))} --query-every {args.query_every} --baseline {shlex.quote(args.baseline)} --variant {shlex.quote(args.variant)} --label-a {shlex.quote(args.label_a)} --label-b {shlex.quote(args.label_b)}`
   (one build: `{entries_a[0]['command']}`)
 - Machine: {machine()}; date {datetime.date.today().isoformat()}{load}; one torch thread per training.
-- Queries: {len(names)} frames (every {args.query_every}th frame that is neither one of the {entries_a[0]['training'].get('n_real_images', '?')} mapping frames nor one of the {n_frames} validation frames); a failed query counts as an infinite error. {SAME_RECORDING_NOTE}
+- Queries: {len(names)} frames (every {args.query_every}. frame that is neither one of the {entries_a[0]['training'].get('n_real_images', '?')} mapping frames nor one of the {n_frames} validation frames); a failed query counts as an infinite error. {SAME_RECORDING_NOTE}
 - Paired change: median error of arm B over arm A, minus 1; 95 % interval from {paired['t'].get('n_resamples', '?')} bootstrap resamples of the seeds (within each arm) and of blocks of {paired['t']['block_length']} consecutive queries (shared by both arms).
 
 | arm | build flags | median t per seed | mean ± SD over seeds | median R per seed | recall 2 / 5 / 10 cm (mean) | iterations | D2S training min (mean) |
