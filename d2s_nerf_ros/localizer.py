@@ -22,6 +22,7 @@ import torch
 from d2s_nerf_ros.camera import CameraIntrinsics
 from d2s_nerf_ros.device import resolve_device
 from d2s_nerf_ros.errors import FrameRejected
+from d2s_nerf_ros.features.base import Features
 from d2s_nerf_ros.map_bundle import MapBundle
 from d2s_nerf_ros.models.d2s import reliability
 from d2s_nerf_ros.pnp import PnPConfig, solve_pnp_ransac
@@ -141,6 +142,31 @@ class Localizer:
         result.timings_ms["total"] = (time.perf_counter() - t_start) * 1e3
         return result
 
+    def localize_features(self, features: Features, camera: CameraIntrinsics) -> LocalizationResult:
+        """``localize`` from features already extracted with this map's extractor settings (an
+        offline evaluation's query cache); never raises either."""
+        timings: dict[str, float] = {}
+        counts = {"n_keypoints": 0, "n_reliable": 0, "n_inliers": 0}
+        t_start = time.perf_counter()
+        try:
+            if not isinstance(features, Features):
+                raise FrameRejected(f"features must be Features, got {type(features).__name__}")
+            if not isinstance(camera, CameraIntrinsics):
+                raise FrameRejected(f"camera must be CameraIntrinsics, got {type(camera).__name__}")
+            if tuple(features.image_size) != (int(camera.width), int(camera.height)):
+                raise FrameRejected(f"features of a {features.image_size[0]}x{features.image_size[1]} image do not "
+                                    f"match camera info {camera.width}x{camera.height}")
+            if len(features) and features.descriptor_dim != int(self.model.config.descriptor_dim):
+                raise FrameRejected(f"{features.descriptor_dim}-d descriptors; the map's D2S model expects "
+                                    f"{self.model.config.descriptor_dim}-d ones")
+            result = self._localize_features(features, camera, timings, counts)
+        except FrameRejected as exc:
+            result = self._failure(str(exc), counts, timings)
+        except Exception as exc:  # noqa: BLE001 - same contract as localize()
+            result = self._failure(f"{type(exc).__name__}: {exc}", counts, timings)
+        result.timings_ms["total"] = (time.perf_counter() - t_start) * 1e3
+        return result
+
     def warmup(self) -> LocalizationResult:
         """Run one synthetic frame so that lazy initialisation and kernel selection happen now."""
         camera = self.bundle.camera
@@ -163,11 +189,15 @@ class Localizer:
                   counts: dict[str, int]) -> LocalizationResult:
         image = check_frame(image, camera)
         assert isinstance(camera, CameraIntrinsics)
-        min_inliers = int(self.config.min_inliers)
 
         t0 = time.perf_counter()
         features = self.extractor.extract(image)
         timings["extract"] = (time.perf_counter() - t0) * 1e3
+        return self._localize_features(features, camera, timings, counts)
+
+    def _localize_features(self, features: Features, camera: CameraIntrinsics, timings: dict[str, float],
+                           counts: dict[str, int]) -> LocalizationResult:
+        min_inliers = int(self.config.min_inliers)
         n_keypoints = len(features.keypoints)
         counts["n_keypoints"] = n_keypoints
         if n_keypoints < min_inliers:

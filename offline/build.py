@@ -61,6 +61,11 @@ class BuildConfig:
     device: str = "auto"
     seed: int = 0
     train_seed: int | None = None       # D2S initialisation and batches only (None: seed); the cached stages stay
+    train_minutes: float | None = None  # wall-clock D2S budget: the schedule is fitted to it (offline/train_d2s.py)
+    train_lr_schedule: str = "steps"    # "steps" | "cosine" | "onecycle"
+    train_loss_reduction: str = "normalised"  # "normalised" | "published" (the D2S code's sums)
+    train_early_batch: tuple[int, int] | None = None  # (images, keypoints each) for the first half of training
+    validation_frames: int = 6          # non-mapping frames for the learning curves, never scored as queries
 
     def validate(self) -> None:
         if self.labels not in LABEL_MODES:
@@ -73,12 +78,20 @@ class BuildConfig:
             raise ValueError("give --fraction or --every, not both")
         if self.train_seed is not None and self.train_seed < 0:
             raise ValueError(f"train_seed must be >= 0 (or None), got {self.train_seed}")
+        if self.train_early_batch is not None:
+            self.train_early_batch = (int(self.train_early_batch[0]), int(self.train_early_batch[1]))
+        if self.validation_frames < 0:
+            raise ValueError(f"validation_frames must be >= 0, got {self.validation_frames}")
         if self.train_threads is not None and self.train_threads < 1:
             raise ValueError(f"train_threads must be >= 1 (or None), got {self.train_threads}")
         self.model_head_dims = tuple(int(d) for d in self.model_head_dims)
         if self.synthesis_keep_fraction is not None and not 0.0 <= self.synthesis_keep_fraction <= 1.0:
             raise ValueError(f"synthesis keep fraction must be in [0, 1], got {self.synthesis_keep_fraction}")
-        from offline.train_d2s import SYNTHETIC_UNLABELLED
+        from offline.train_d2s import LOSS_REDUCTIONS, LR_SCHEDULES, SYNTHETIC_UNLABELLED
+
+        if self.train_lr_schedule not in LR_SCHEDULES or self.train_loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"train_lr_schedule must be one of {LR_SCHEDULES} and train_loss_reduction one of "
+                             f"{LOSS_REDUCTIONS}, got {self.train_lr_schedule!r}, {self.train_loss_reduction!r}")
 
         if self.synthetic_unlabelled not in SYNTHETIC_UNLABELLED:
             raise ValueError(f"synthetic unlabelled must be one of {', '.join(SYNTHETIC_UNLABELLED)}, "
@@ -291,6 +304,10 @@ class Training:
     model: Any  # d2s_nerf_ros.models.d2s.D2SNet
     config: Any  # offline.train_d2s.D2STrainConfig
     history: list[dict[str, Any]]
+    curves: list[dict[str, Any]]  # learning curves (offline.train_d2s), also in learning_curves.json
+    iterations_planned: int  # the schedule's length (fitted to train_minutes when given)
+    step_seconds: float | None  # the measured step time a wall-clock budget planned with
+    validation_frames: list[str]  # non-mapping frames the curves were measured on (never scored as queries)
 
     @property
     def final_loss(self) -> float | None:
@@ -318,7 +335,9 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
     labels = labels_stage(runner, config, mapping, features, log)
     augmentation = augmentation_stage(runner, config, mapping, labels, extractor)
     synthesis = synthesis_stage(runner, config, mapping, labels, extractor, log)
-    training = training_stage(runner, config, labels, augmentation, synthesis, extractor.descriptor_dim, progress)
+    validation_frames = validation_frames_stage(frameset, mapping, config)
+    training = training_stage(runner, config, labels, augmentation, synthesis, extractor, validation_frames,
+                              progress, log)
     return bundle_stage(runner, config, out, mapping, extractor, labels, augmentation, synthesis, training,
                         query_frames)
 
@@ -487,8 +506,16 @@ def synthesis_stage(runner: StageRunner, config: BuildConfig, mapping: MappingFr
     return Synthesis(images, stats)
 
 
+def validation_frames_stage(frameset: FrameSet, mapping: MappingFrames, config: BuildConfig) -> list[Frame]:
+    """Non-mapping frames held out for the learning curves (``evaluate`` never scores them)."""
+    from offline.validation import select_validation_frames
+
+    return select_validation_frames(list(frameset.frames), {f.name for f in mapping.frames}, config.validation_frames)
+
+
 def training_stage(runner: StageRunner, config: BuildConfig, labels: RealLabels, augmentation: Augmentation,
-                   synthesis: Synthesis, descriptor_dim: int, progress: bool = True) -> Training:
+                   synthesis: Synthesis, extractor, validation_frames: list[Frame], progress: bool = True,
+                   log: Callable[[str], None] = print) -> Training:
     """D2S trained on the real, augmented and synthetic labelled images, in ``train-<key>/``
     (``offline.train_d2s`` checkpoints and resumes inside it)."""
     import torch
@@ -496,17 +523,22 @@ def training_stage(runner: StageRunner, config: BuildConfig, labels: RealLabels,
     from d2s_nerf_ros.device import resolve_device
     from d2s_nerf_ros.models.d2s import D2SConfig
     from offline.train_d2s import D2STrainConfig, train_d2s
+    from offline.validation import validation_images
 
     device = resolve_device(config.device)
     synthetic = synthesis.images
-    model_cfg = D2SConfig(descriptor_dim=descriptor_dim, n_layers=config.model_layers,
+    model_cfg = D2SConfig(descriptor_dim=extractor.descriptor_dim, n_layers=config.model_layers,
                           head_dims=config.model_head_dims)
     train_cfg = D2STrainConfig(
         iterations=config.train_iterations, images_per_batch=config.train_images_per_batch,
         max_keypoints_per_image=config.train_keypoints_per_image, lr=config.train_lr,
         synthetic_ratio=config.synthetic_ratio if synthetic else 0.0,
         synthetic_unlabelled=config.synthetic_unlabelled if synthetic else "unreliable",
-        seed=config.seed if config.train_seed is None else config.train_seed, device=str(device))
+        seed=config.seed if config.train_seed is None else config.train_seed, device=str(device),
+        train_minutes=config.train_minutes, lr_schedule=config.train_lr_schedule,
+        loss_reduction=config.train_loss_reduction,
+        early_images_per_batch=config.train_early_batch[0] if config.train_early_batch else None,
+        early_keypoints_per_image=config.train_early_batch[1] if config.train_early_batch else None)
     key = fingerprint(labels.key, augmentation.config, synthesis.key, model_cfg, train_cfg)
     t0 = time.perf_counter()
     threads_before = torch.get_num_threads()
@@ -514,8 +546,10 @@ def training_stage(runner: StageRunner, config: BuildConfig, labels: RealLabels,
         # On a small shared CPU one thread is often faster than two (oversubscription).
         torch.set_num_threads(config.train_threads)
     try:
+        validation = validation_images(validation_frames, extractor, runner.work_dir / "query_features",
+                                       device.type, log)
         result = train_d2s(labels.images + augmentation.images, train_cfg, model_cfg, runner.work_dir / f"train-{key}",
-                           synthetic=synthetic or None, progress=progress)
+                           synthetic=synthetic or None, progress=progress, validation=validation)
     finally:
         torch.set_num_threads(threads_before)
     elapsed = time.perf_counter() - t0
@@ -526,7 +560,9 @@ def training_stage(runner: StageRunner, config: BuildConfig, labels: RealLabels,
     runner.timings_s["training"] = max(elapsed, trained_s)
     runner.cached["training"] = elapsed < 0.5 * trained_s
     write_json_atomic(runner.work_dir / "training_history.json", history)
-    return Training(result.model, train_cfg, history)
+    write_json_atomic(runner.work_dir / "learning_curves.json", result.curves)
+    return Training(result.model, train_cfg, history, result.curves, result.iterations_planned, result.step_seconds,
+                    [f.name for f in validation_frames])
 
 
 def bundle_stage(runner: StageRunner, config: BuildConfig, out: Path, mapping: MappingFrames, extractor,
@@ -542,6 +578,8 @@ def bundle_stage(runner: StageRunner, config: BuildConfig, out: Path, mapping: M
     training_info = {"config": to_jsonable(training.config), "final_loss": training.final_loss,
                      "n_real_images": len(labels.images), "n_augmented_images": len(augmentation.images),
                      "n_synthetic_images": len(synthesis.images), "n_labelled_keypoints": labels.n_labelled,
+                     "iterations_planned": training.iterations_planned, "step_seconds": training.step_seconds,
+                     "validation_frames": training.validation_frames,
                      "build": to_jsonable(config)}
     bundle = MapBundle.create(
         model=training.model, extractor=extractor.config(), camera=frames[0].camera,
@@ -555,7 +593,7 @@ def bundle_stage(runner: StageRunner, config: BuildConfig, out: Path, mapping: M
     # Named after OUT: builds of other maps that share this work directory stage beside it.
     staged = bundle.save(work_dir / f"{STAGED_BUNDLE}-{out.name}")
     report = write_report(staged, work_dir / "report.html", frames, labels.images, training.history, synthesis.stats,
-                          query_frames=query_frames, map_name=out.name)
+                          query_frames=query_frames, map_name=out.name, learning_curves=training.curves)
     bundle.add_file("report.html", report)
     bundle.save(out)
     shutil.rmtree(staged, ignore_errors=True)

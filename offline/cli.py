@@ -56,6 +56,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_minutes(text: str) -> float:
+    value = _parse_floats(text, 1, "--train-minutes")[0]
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--train-minutes must be a positive number, got {text!r}")
+    return value
+
+
+def _early_batch(text: str) -> tuple[int, int]:
+    values = _parse_floats(text, 2, "--early-batch (IMAGES,KEYPOINTS)")
+    if any(v < 1 or v != int(v) for v in values):
+        raise argparse.ArgumentTypeError(f"--early-batch takes two positive integers, got {text!r}")
+    return int(values[0]), int(values[1])
+
+
 def add_source_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("bag sources")
     g.add_argument("--image-topic", help="image topic (sensor_msgs/Image or CompressedImage)")
@@ -124,6 +138,11 @@ def cmd_build(args) -> int:
             setattr(config, name, getattr(args, name))
     if args.train_iterations:
         config.train_iterations = args.train_iterations
+    for flag, name in (("train_minutes", "train_minutes"), ("lr_schedule", "train_lr_schedule"),
+                       ("train_lr", "train_lr"), ("loss_reduction", "train_loss_reduction"),
+                       ("early_batch", "train_early_batch"), ("validation_frames", "validation_frames")):
+        if getattr(args, flag) is not None:
+            setattr(config, name, getattr(args, flag))
     if args.nerf_iterations:
         config.nerf_iterations = args.nerf_iterations
     if args.synthesis_keep_fraction is not None:
@@ -176,19 +195,38 @@ def cmd_evaluate(args) -> int:
 
     bundle = MapBundle.load(Path(args.map), device="cpu")
     map_names = {f["name"] for f in bundle.manifest.get("frames", [])}
+    # Frames the training watched for its learning curves are not held out either: never scored.
+    map_names |= set(bundle.manifest.get("training", {}).get("validation_frames", []))
     out = Path(args.out)
     queries = _query_frames(args, Path(args.query_source), map_names, args.every, out / "source")
+    load_input = None
     if args.method == "d2s":
         cfg = LocalizerConfig(device=args.device)
         if args.reliability_threshold is not None:
             cfg.reliability_threshold = args.reliability_threshold
         method = Localizer.from_path(Path(args.map), cfg)
         method.warmup()
+        if args.feature_cache:
+            from offline.query_features import cached_features
+
+            feats, stats = cached_features(queries, method.extractor, Path(args.feature_cache), method.device.type,
+                                           progress=not args.quiet)
+            print(f"query features: {stats.hits} from the cache, {stats.extracted} extracted"
+                  + (f", {len(stats.failed)} unreadable" if stats.failed else ""), file=sys.stderr)
+
+            def load_input(frame):
+                if frame.name not in feats:
+                    raise ValueError(stats.failed.get(frame.name, "no features"))
+                return feats[frame.name]
+
+            localize = method.localize_features
     else:
         from offline.baseline import MatchingBaseline, MatchingBaselineConfig
 
         method = MatchingBaseline(Path(args.map), MatchingBaselineConfig(device=args.device))
-    summary, rows = evaluate_localizer(method.localize, queries, progress=not args.quiet)
+    if load_input is None:
+        localize = method.localize
+    summary, rows = evaluate_localizer(localize, queries, progress=not args.quiet, load_input=load_input)
     summary["method"] = args.method
     summary["map"] = str(args.map)
     write_results(out, summary, rows)
@@ -197,8 +235,8 @@ def cmd_evaluate(args) -> int:
     plot_error_cdf(out, [errors_t], [errors_r], [args.method])
     written = json.loads((out / "results.json").read_text())  # inf is written as null there
     print(json.dumps({k: written.get(k) for k in (
-        "n_queries", "n_failed", "median_translation_m", "median_rotation_deg",
-        "recall_5cm_5deg", "recall_10cm_10deg")}, indent=1))
+        "n_queries", "n_failed", "median_translation_m", "median_translation_ci95_m", "median_rotation_deg",
+        "recall_2cm", "recall_5cm", "recall_10cm", "recall_5cm_5deg", "recall_10cm_10deg")}, indent=1))
     return 0
 
 
@@ -240,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--matcher", choices=["auto", "lightglue", "mnn"], help="default auto: LightGlue unless the extractor is SIFT")
     b.add_argument("--train-iterations", type=int)
     b.add_argument("--nerf-iterations", type=int)
+    b.add_argument("--train-minutes", type=_positive_minutes, metavar="M",
+                   help="D2S training wall-clock budget: the step time is measured and the iteration count fixed "
+                        "so that the whole LR schedule, its anneal included, fits M minutes (overrides "
+                        "--train-iterations)")
+    b.add_argument("--lr-schedule", choices=["steps", "cosine", "onecycle"],
+                   help="D2S learning rate: steps (halvings, the default), cosine (full anneal), onecycle (ACE's)")
+    b.add_argument("--train-lr", type=float, help="D2S peak learning rate (fast 2e-3)")
+    b.add_argument("--loss-reduction", choices=["normalised", "published"],
+                   help="D2S loss terms: normalised means (default) or the published code's per-image sums")
+    b.add_argument("--early-batch", type=_early_batch, metavar="IMAGES,KEYPOINTS",
+                   help="for the first half of D2S training: IMAGES images per batch with KEYPOINTS keypoints each "
+                        "(then the profile's batch with all keypoints)")
+    b.add_argument("--validation-frames", type=int,
+                   help="non-mapping frames held out for the learning curves and never scored (default 6)")
     b.add_argument("--synthesis-keep-fraction", type=float,
                    help="keep a render with at least this fraction of --max-keypoints LightGlue matches to its "
                         "reference frame (fast 0.06, paper 0.12)")
@@ -271,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--method", choices=["d2s", "match"], default="d2s")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     e.add_argument("--reliability-threshold", type=float)
+    e.add_argument("--feature-cache", metavar="DIR",
+                   help="d2s: reuse query features from DIR (keyed by extractor settings and image bytes), "
+                        "extracting only what is missing; scoring another map then costs only D2S + PnP")
     e.add_argument("--quiet", action="store_true")
     add_source_arguments(e)
     e.set_defaults(func=cmd_evaluate)

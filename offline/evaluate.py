@@ -33,6 +33,12 @@ CDF_PLOT_NAME = "error_cdf.png"
 RECALL_THRESHOLDS: tuple[tuple[float, float], ...] = ((0.02, 2.0), (0.05, 5.0), (0.10, 10.0), (0.25, 2.0), (0.50, 5.0))
 
 
+# Translation-only recalls (the pose's position within 2 / 5 / 10 cm), reported as recall_<cm>cm.
+RECALL_TRANSLATION_CM: tuple[float, ...] = (2.0, 5.0, 10.0)
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
 def _as_error_array(values: Iterable[Any]) -> np.ndarray:
     """Errors as float64 with every missing / NaN / negative entry turned into +inf (a failure)."""
     out = np.array([np.inf if v is None else float(v) for v in values], dtype=np.float64)
@@ -78,7 +84,116 @@ def summarize_errors(errors_t_m: Sequence[float | None], errors_r_deg: Sequence[
     for t_thr, r_thr in RECALL_THRESHOLDS:
         hits = (t_all <= t_thr) & (r_all <= r_thr)
         summary[_recall_key(t_thr, r_thr)] = float(hits.mean()) if n else 0.0
+    for cm in RECALL_TRANSLATION_CM:
+        summary[f"recall_{cm:g}cm"] = float((t_all <= cm / 100.0).mean()) if n else 0.0
+    # The medians' 95 % intervals, block bootstrap over the queries in the order given (the
+    # recording order for evaluate_localizer; failures counted outright come last).
+    ci_t = block_bootstrap_ci(t_all)
+    ci_r = block_bootstrap_ci(r_all, block_length=ci_t["block_length"] or None)
+    summary["median_translation_ci95_m"] = [ci_t["low"], ci_t["high"]]
+    summary["median_rotation_ci95_deg"] = [ci_r["low"], ci_r["high"]]
+    summary["bootstrap"] = {"method": "circular moving-block bootstrap over consecutive queries, percentile interval",
+                            "block_length": ci_t["block_length"], "n_resamples": ci_t["n_resamples"]}
     return summary
+
+
+def _block_starts(n: int, block_length: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_resamples, n) indices of circular moving-block resamples of a length-n series."""
+    n_blocks = -(-n // block_length)
+    starts = rng.integers(0, n, size=(n_resamples, n_blocks))
+    idx = (starts[:, :, None] + np.arange(block_length)[None, None, :]) % n
+    return idx.reshape(n_resamples, -1)[:, :n]
+
+
+def auto_block_length(values: Sequence[float]) -> int:
+    """Block length for a bootstrap over consecutive queries: the larger of n^(1/3) (the usual
+    rate for a block bootstrap of a quantile) and the first lag at which the errors' rank
+    autocorrelation falls below 0.2 (so a block spans what neighbouring frames share: on
+    RedKitchen the error is a smooth function of the distance to the nearest mapping frame),
+    capped at n / 4 so that there are at least four blocks. Ranks, so failures (inf) count
+    as the largest errors rather than breaking the estimate."""
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    if n < 8:
+        return 1
+    ranks = np.argsort(np.argsort(np.where(np.isnan(x), np.inf, x), kind="stable"), kind="stable").astype(np.float64)
+    ranks -= ranks.mean()
+    denom = float(ranks @ ranks)
+    lag = 1
+    if denom > 0:
+        while lag < n // 4 and float(ranks[:-lag] @ ranks[lag:]) / denom >= 0.2:
+            lag += 1
+    return int(min(max(lag, math.ceil(n ** (1.0 / 3.0))), max(1, n // 4)))
+
+
+def block_bootstrap_ci(values: Sequence[float], statistic: Callable[[np.ndarray], np.ndarray] | None = None,
+                       block_length: int | None = None, confidence: float = 0.95,
+                       n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Percentile interval of ``statistic`` (default: the median) from a circular moving-block
+    bootstrap over the series ``values`` in its order (queries in recording order: neighbouring
+    frames see nearly the same image, so an iid bootstrap would make the interval too narrow).
+
+    ``statistic`` maps an (R, n) array of resamples to R values. Infinite entries (failed
+    queries) are kept: the interval may end at inf. Returns {"low", "high", "block_length",
+    "n_resamples", "confidence"}; block_length None picks ``auto_block_length``.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if len(x) == 0:
+        return {"low": None, "high": None, "block_length": 0, "n_resamples": 0, "confidence": confidence}
+    block = auto_block_length(x) if block_length is None else int(block_length)
+    if block < 1:
+        raise ValueError(f"block_length must be >= 1, got {block}")
+    block = min(block, len(x))
+    stat = statistic or (lambda a: np.median(a, axis=1))
+    idx = _block_starts(len(x), block, int(n_resamples), np.random.default_rng(seed))
+    values_r = np.sort(np.asarray(stat(x[idx]), dtype=np.float64))
+    # Order statistics rather than np.percentile: interpolating between inf values gives nan.
+    alpha = (1.0 - confidence) / 2.0
+    lo = values_r[int(math.floor(alpha * (len(values_r) - 1)))]
+    hi = values_r[int(math.ceil((1.0 - alpha) * (len(values_r) - 1)))]
+    return {"low": float(lo), "high": float(hi), "block_length": int(block), "n_resamples": int(n_resamples),
+            "confidence": confidence}
+
+
+def paired_median_change_ci(errors_a: np.ndarray, errors_b: np.ndarray, block_length: int | None = None,
+                            confidence: float = 0.95, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                            seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Relative change of the median error from arm A to arm B, median_B / median_A - 1, with a
+    bootstrap interval that holds both sources of noise: the training seeds (resampled with
+    replacement within each arm) and the queries (circular blocks of consecutive queries, the
+    same blocks for both arms: the comparison is paired per query).
+
+    ``errors_a`` / ``errors_b``: (seeds, queries) arrays over the same queries in recording
+    order, inf for a failed query. A median pools every (seed, query) entry of an arm.
+    """
+    a = np.atleast_2d(np.asarray(errors_a, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(errors_b, dtype=np.float64))
+    if a.shape[1] != b.shape[1] or a.shape[1] == 0:
+        raise ValueError(f"both arms need errors for the same non-empty set of queries, got {a.shape} and {b.shape}")
+    n = a.shape[1]
+    block = auto_block_length(np.median(a, axis=0)) if block_length is None else int(block_length)
+    rng = np.random.default_rng(seed)
+    idx = _block_starts(n, min(block, n), int(n_resamples), rng)
+    seeds_a = rng.integers(0, a.shape[0], size=(int(n_resamples), a.shape[0]))
+    seeds_b = rng.integers(0, b.shape[0], size=(int(n_resamples), b.shape[0]))
+    changes = np.empty(int(n_resamples))
+    for i in range(int(n_resamples)):
+        med_a = np.median(a[seeds_a[i]][:, idx[i]])
+        med_b = np.median(b[seeds_b[i]][:, idx[i]])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            changes[i] = med_b / med_a - 1.0
+    changes = np.sort(changes[~np.isnan(changes)])  # inf / inf: both arms failed on most of the resample
+    with np.errstate(invalid="ignore", divide="ignore"):
+        point = float(np.median(b) / np.median(a) - 1.0)
+    if len(changes) == 0:
+        return {"change": point, "low": None, "high": None, "excludes_zero": False, "block_length": block}
+    alpha = (1.0 - confidence) / 2.0
+    lo = float(changes[int(math.floor(alpha * (len(changes) - 1)))])
+    hi = float(changes[int(math.ceil((1.0 - alpha) * (len(changes) - 1)))])
+    return {"change": point, "low": lo, "high": hi, "excludes_zero": bool(lo > 0 or hi < 0),
+            "block_length": int(block), "n_resamples": int(n_resamples), "confidence": confidence}
 
 
 def latency_summary(timings: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -214,15 +329,19 @@ def _progress(items: list, enabled: bool, desc: str):
         return items
 
 
-def evaluate_localizer(localize_fn: Callable[[np.ndarray, Any], Any], queries: Sequence[Frame], every: int = 1,
-                       progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def evaluate_localizer(localize_fn: Callable[[Any, Any], Any], queries: Sequence[Frame], every: int = 1,
+                       progress: bool = True, load_input: Callable[[Frame], Any] | None = None
+                       ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Localise every ``every``-th query and compare with its ``T_world_cam``.
 
-    ``localize_fn(image, camera)`` returns a ``LocalizationResult``-like object (success,
-    reason, T_world_cam, n_keypoints, n_reliable, n_inliers, timings_ms). A query whose image
-    cannot be read or whose call raises counts as a failure with that reason; the
-    evaluation goes on. Returns (summary with ``latency_ms``, one row per query).
+    ``localize_fn(load_input(frame), frame.camera)`` returns a ``LocalizationResult``-like
+    object (success, reason, T_world_cam, n_keypoints, n_reliable, n_inliers, timings_ms);
+    ``load_input`` defaults to reading the frame's image (a feature cache passes the frame's
+    cached features instead, with ``Localizer.localize_features``). A query whose input cannot
+    be loaded or whose call raises counts as a failure with that reason; the evaluation goes
+    on. Returns (summary with ``latency_ms``, one row per query).
     """
+    load_input = load_input or (lambda frame: frame.load_rgb())
     if int(every) < 1:
         raise ValueError(f"every must be >= 1, got {every}")
     selected = list(queries)[:: int(every)]
@@ -234,8 +353,7 @@ def evaluate_localizer(localize_fn: Callable[[np.ndarray, Any], Any], queries: S
                                "rotation_error_deg": None, "n_keypoints": 0, "n_reliable": 0, "n_inliers": 0,
                                "timings_ms": {}}
         try:
-            image = frame.load_rgb()
-            result = localize_fn(image, frame.camera)
+            result = localize_fn(load_input(frame), frame.camera)
         except Exception as exc:  # one broken query must not end the evaluation
             row["reason"] = f"{type(exc).__name__}: {exc}"
             rows.append(row)

@@ -70,6 +70,37 @@ def training_figure(history: list[dict[str, Any]]):
     return fig
 
 
+CURVE_PANELS = (("median_error_m", "median 3D error of labelled keypoints [m]", True),
+                ("reliable_within_10cm", "reliable labelled predictions within 10 cm", False),
+                ("reliable_per_image", "reliable predictions per image", False),
+                ("median_pose_t_m", "median pose error (PnP) [m]", True))
+
+
+def learning_curves_figure(curves: list[dict[str, Any]]):
+    """The training's learning curves: training frames solid, validation frames dashed."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6))
+    its = [c["iteration"] for c in curves]
+    for ax, (key, title, log_scale) in zip(axes.flat, CURVE_PANELS):
+        for part, style in (("train", "-o"), ("validation", "--s")):
+            values = [(c.get(part) or {}).get(key) for c in curves]
+            if any(v is not None for v in values):
+                ax.plot(its, [np.nan if v is None else v for v in values], style, ms=3,
+                        label="training frames" if part == "train" else "validation frames")
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:  # e.g. no depth: no labelled validation keypoints, so no 3D-error curve
+            ax.text(0.5, 0.5, "no labelled keypoints", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
 def histogram_figure(counts: list[int], threshold: float | None):
     import matplotlib.pyplot as plt
 
@@ -101,7 +132,7 @@ def samples_figure(pairs: list[tuple[np.ndarray, np.ndarray, str]]):
 def write_report(map_dir: Path, report_path: Path, frames: list[Frame], real: list[LabelledImage],
                  history: list[dict[str, Any]], synthesis_stats: dict[str, Any],
                  query_frames: list[Frame] | None = None, extra_sections: list[tuple[str, str]] | None = None,
-                 map_name: str | None = None) -> Path:
+                 map_name: str | None = None, learning_curves: list[dict[str, Any]] | None = None) -> Path:
     """Write the report page to ``report_path`` (the caller adds it to the bundle); ``map_name``
     titles it (default: ``map_dir``'s name)."""
     import matplotlib
@@ -131,6 +162,14 @@ def write_report(map_dir: Path, report_path: Path, frames: list[Frame], real: li
     sections.append(("Trajectory", _img_tag(_png(trajectory_figure(frames, syn_pos, points)), "trajectory")))
     if history:
         sections.append(("Training", _img_tag(_png(training_figure(history)), "training curves")))
+    if learning_curves:
+        val = tr.get("validation_frames") or []
+        note = (f"<p>Scored every {learning_curves[1]['iteration'] if len(learning_curves) > 1 else '?'} iterations on "
+                f"a few real training frames and on {len(val)} validation frames ({html.escape(', '.join(val))}): "
+                "real frames of the recording that are neither mapping frames nor scored as queries. A training "
+                "curve that stays high is underfitting; a validation curve far above it is overfitting.</p>")
+        sections.append(("Learning curves", note + _img_tag(_png(learning_curves_figure(learning_curves)),
+                                                          "learning curves")))
     if synthesis_stats.get("match_counts"):
         thr = synthesis_stats.get("keep_threshold")
         sections.append(("Synthetic views", _img_tag(_png(histogram_figure(synthesis_stats["match_counts"], thr)), "match histogram")))

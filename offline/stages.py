@@ -37,16 +37,27 @@ def to_jsonable(value: Any) -> Any:
 _OMIT_AT_DEFAULT = "fingerprint_omits_at_default"
 
 
+# A field that cannot change a stage's output (how often a learning curve is sampled, say) is
+# declared with ``unhashed_field(default)`` and never hashed.
+_NEVER_HASHED = "fingerprint_never_hashes"
+
+
 def added_field(default: Any, **kwargs: Any) -> Any:
     """A dataclass field added after caches keyed without it existed: see ``fingerprint``."""
     return dataclasses.field(default=default, metadata={_OMIT_AT_DEFAULT: True}, **kwargs)
+
+
+def unhashed_field(default: Any, **kwargs: Any) -> Any:
+    """A dataclass field that does not change the stage's output: ``fingerprint`` ignores it."""
+    return dataclasses.field(default=default, metadata={_NEVER_HASHED: True}, **kwargs)
 
 
 def _key_form(value: Any) -> Any:
     """``to_jsonable`` for hashing: fields declared with ``added_field`` left at their default are dropped."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _key_form(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if not (f.metadata.get(_OMIT_AT_DEFAULT) and getattr(value, f.name) == f.default)}
+                if not f.metadata.get(_NEVER_HASHED)
+                and not (f.metadata.get(_OMIT_AT_DEFAULT) and getattr(value, f.name) == f.default)}
     if isinstance(value, dict):
         return {str(k): _key_form(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -56,7 +67,7 @@ def _key_form(value: Any) -> Any:
 
 def fingerprint(*parts: Any) -> str:
     """A short key for ``parts`` (dataclasses, dicts, sequences, arrays, scalars); fields declared
-    with ``added_field`` count only when they differ from their default."""
+    with ``added_field`` count only when they differ from their default, ``unhashed_field`` never."""
     blob = json.dumps([_key_form(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

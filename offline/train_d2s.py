@@ -12,9 +12,31 @@ Loss per batch (several images padded to one tensor, with masks):
               over that phase; pixels are divided by the focal length and multiplied by
               the median label depth, so the term is in metres like xyz_loss.
 
-Learning rate: Adam at ``lr``, linear warm-up over the first ``warmup_fraction`` of the
-iterations (from lr/10), then halved at each of ``lr_halving_fractions`` of the total
-iterations (default 25 %, 50 %, 75 %: lr, lr/2, lr/4, lr/8).
+With ``loss_reduction="published"`` the terms are reduced as in the published D2S code
+instead: xyz_loss sums over each image's labelled keypoints and rel_loss is ||valid - r||_2
+per image without the 1/sqrt(N) (both then averaged over the batch's images), so coordinates
+weigh about sqrt(N) times more against reliability than with the normalised terms.
+
+Learning rate (``lr_schedule``): "steps" (Adam at ``lr``, linear warm-up over the first
+``warmup_fraction`` from lr/10, then halved at each of ``lr_halving_fractions``: lr, lr/2,
+lr/4, lr/8, never annealed); "cosine" (the same warm-up, then a cosine to 0 at the last
+step); "onecycle" (ACE's: a cosine rise from lr/25 over ``onecycle_rise_fraction``, then a
+cosine fall to lr/25/1e4).
+
+Batches: ``images_per_batch`` images with up to ``max_keypoints_per_image`` keypoints each;
+``early_images_per_batch`` / ``early_keypoints_per_image`` replace them for the first
+``early_fraction`` of the iterations (more distinct frames, fewer keypoints each, then the
+full keypoint count the localizer sees).
+
+Wall-clock budget (``train_minutes``): before training, a few throw-away steps on a copy of
+the model measure the step time (with and without the reprojection term, early and full
+batches) and one learning-curve point is timed; ``iterations`` is then fixed so that the whole
+schedule, its anneal included, fits the budget. The count is stored with the checkpoint, so a
+resumed training keeps it.
+
+Learning curves (``curve_points``): the model is scored (``offline/learning_curves.py``) on a
+few real training frames and on ``validation`` frames before training, every
+iterations/curve_points and at the end; written to ``learning_curves.json`` in ``work_dir``.
 
 Resumable: ``work_dir`` holds the last checkpoint (safetensors for model and optimizer
 tensors, JSON for the iteration, history, RNG state). Calling ``train_d2s`` again with the
@@ -24,6 +46,8 @@ same work_dir continues from it; when it has already reached ``iterations`` it r
 from __future__ import annotations
 
 import base64
+import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -40,11 +64,17 @@ import torch
 from d2s_nerf_ros.device import resolve_device
 from d2s_nerf_ros.models.d2s import D2SConfig, D2SNet, reliability
 from offline.labelled import LabelledImage
-from offline.stages import added_field
+from offline.stages import added_field, unhashed_field, write_json_atomic
 
 CHECKPOINT_POINTER = "latest.json"
 MIN_DEPTH_M = 0.1  # predictions closer than this (or behind the camera) get no reprojection loss
 SYNTHETIC_UNLABELLED = ("unreliable", "ignored")
+LR_SCHEDULES = ("steps", "cosine", "onecycle")
+LOSS_REDUCTIONS = ("normalised", "published")
+CURVES_NAME = "learning_curves.json"
+BUDGET_MARGIN = 0.95  # of train_minutes planned for: step times drift on a shared machine
+ONECYCLE_START_DIVISOR = 25.0
+ONECYCLE_END_DIVISOR = 1e4
 
 
 @dataclass
@@ -72,6 +102,17 @@ class D2STrainConfig:
     amp: bool = True  # bfloat16 autocast, CUDA only
     checkpoint_every: int = 1000
     log_every: int = 10
+    # Added after trainings were cached; each default is the behaviour before it existed, so at its
+    # default a field stays out of the cache key (offline.stages.added_field).
+    lr_schedule: str = added_field("steps")             # LR_SCHEDULES
+    onecycle_rise_fraction: float = added_field(0.25)
+    loss_reduction: str = added_field("normalised")     # LOSS_REDUCTIONS
+    early_images_per_batch: int | None = added_field(None)
+    early_keypoints_per_image: int | None = added_field(None)
+    early_fraction: float = added_field(0.5)
+    train_minutes: float | None = added_field(None)     # wall-clock budget: fixes ``iterations`` from the measured step time
+    calibration_steps: int = added_field(5)             # per batch kind (the first is a warm-up), for train_minutes
+    curve_points: int = unhashed_field(12)              # learning-curve points after the one before training (0: none)
 
     def __post_init__(self) -> None:
         self.lr_halving_fractions = tuple(float(f) for f in self.lr_halving_fractions)
@@ -91,6 +132,20 @@ class D2STrainConfig:
             raise ValueError("need 0 < reprojection_tau_min_px <= reprojection_tau_max_px")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be >= 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}, got {self.loss_reduction!r}")
+        for name in ("onecycle_rise_fraction", "early_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("early_images_per_batch", "early_keypoints_per_image"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None), got {getattr(self, name)}")
+        if self.train_minutes is not None and not (math.isfinite(self.train_minutes) and self.train_minutes > 0):
+            raise ValueError(f"train_minutes must be a positive number of minutes, got {self.train_minutes}")
+        if self.calibration_steps < 2 or self.curve_points < 0:
+            raise ValueError("calibration_steps must be >= 2 and curve_points >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -103,14 +158,50 @@ class TrainResult:
     model: D2SNet                 # eval mode, on the training device
     history: list[dict[str, float]] = field(default_factory=list)
     iteration: int = 0            # iterations done (may exceed the config's when resumed from a longer run)
+    curves: list[dict[str, Any]] = field(default_factory=list)  # learning-curve points (see CURVES_NAME)
+    iterations_planned: int = 0   # the schedule's length (from train_minutes when given)
+    step_seconds: float | None = None  # the measured step time train_minutes planned with
+
+
+def batch_shape(config: D2STrainConfig, iteration: int | None) -> tuple[int, int]:
+    """(images, keypoints per image) of step ``iteration``; None: the full (late) batch."""
+    early = iteration is not None and iteration < config.early_fraction * config.iterations
+    images = config.early_images_per_batch if early and config.early_images_per_batch else config.images_per_batch
+    keypoints = (config.early_keypoints_per_image if early and config.early_keypoints_per_image
+                 else config.max_keypoints_per_image)
+    return images, keypoints
+
+
+def iterations_for_budget(budget_s: float, step_s: float, fixed_s: float, margin: float = BUDGET_MARGIN) -> int:
+    """How many steps of ``step_s`` seconds (the schedule-weighted mean) fit ``margin`` of
+    ``budget_s`` after ``fixed_s`` seconds of other work (packing, calibration, curve points).
+    Raises when not even a few steps fit: a schedule of 1 step would anneal nothing."""
+    if not (step_s > 0 and math.isfinite(step_s)):
+        raise ValueError(f"the measured step time must be positive, got {step_s}")
+    iterations = int(math.floor((budget_s * margin - fixed_s) / step_s))
+    if iterations < 10:
+        raise ValueError(f"a training budget of {budget_s / 60:.2f} min fits only {max(iterations, 0)} steps "
+                         f"(a step takes {step_s:.3f} s, the rest {fixed_s:.1f} s): give more minutes")
+    return iterations
 
 
 def learning_rate(config: D2STrainConfig, iteration: int) -> float:
     """The learning rate used for step ``iteration`` (0-based); a pure function, so resuming is exact."""
     lr = config.lr
+    if config.lr_schedule == "onecycle":
+        start = lr / ONECYCLE_START_DIVISOR
+        end = start / ONECYCLE_END_DIVISOR
+        rise = int(round(config.onecycle_rise_fraction * config.iterations))
+        if iteration < rise:
+            return start + (lr - start) * 0.5 * (1.0 - math.cos(math.pi * iteration / rise))
+        progress = min(1.0, (iteration - rise) / max(1, config.iterations - 1 - rise))
+        return end + (lr - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
     warmup = int(round(config.warmup_fraction * config.iterations))
     if iteration < warmup:
         return lr * (0.1 + 0.9 * iteration / warmup)
+    if config.lr_schedule == "cosine":
+        progress = min(1.0, (iteration - warmup) / max(1, config.iterations - 1 - warmup))
+        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     for fraction in config.lr_halving_fractions:
         if iteration >= fraction * config.iterations:
             lr *= 0.5
@@ -215,10 +306,11 @@ class Batch:
 
 
 def sample_batch(packed: PackedImages, config: D2STrainConfig, generator: torch.Generator,
-                 device: torch.device) -> Batch:
+                 device: torch.device, iteration: int | None = None) -> Batch:
+    """A batch of step ``iteration`` (its shape from ``batch_shape``; None: the full batch)."""
     real_ids = torch.nonzero(~packed.is_synthetic).flatten()
     syn_ids = torch.nonzero(packed.is_synthetic).flatten()
-    b = config.images_per_batch
+    b, max_keypoints = batch_shape(config, iteration)
     n_syn = 0
     if len(syn_ids) and len(real_ids):
         # Stochastic rounding keeps the expected synthetic share exact for any batch size.
@@ -229,7 +321,7 @@ def sample_batch(packed: PackedImages, config: D2STrainConfig, generator: torch.
         real_ids[torch.randint(len(real_ids), (b - n_syn,), generator=generator)] if b > n_syn else real_ids[:0],
         syn_ids[torch.randint(len(syn_ids), (n_syn,), generator=generator)] if n_syn else syn_ids[:0],
     ])
-    k = int(min(config.max_keypoints_per_image, int(packed.counts[chosen].max())))
+    k = int(min(max_keypoints, int(packed.counts[chosen].max())))
     index = packed.index[chosen, : int(packed.counts[chosen].max())]
     # Random subset of each image's keypoints: the k smallest random keys, padding keys last.
     keys = torch.rand(index.shape, generator=generator)
@@ -257,17 +349,21 @@ def sample_batch(packed: PackedImages, config: D2STrainConfig, generator: torch.
 
 
 def batch_losses(model: D2SNet, batch: Batch, tau_px: float | None, median_depth: float,
-                 reprojection_weight: float) -> dict[str, torch.Tensor]:
+                 reprojection_weight: float, reduction: str = "normalised") -> dict[str, torch.Tensor]:
     xyz_hat, u = model(batch.descriptors, batch.mask)
     xyz_hat, u = xyz_hat.float(), u.float()
     r = reliability(u)
     valid = batch.valid.float()
     seen = batch.rel_mask.float()
-    n_valid = valid.sum().clamp(min=1.0)
+    published = reduction == "published"
+    # Normalised: means over labelled keypoints. Published: sums per image, mean over images.
+    n_valid = valid.sum().clamp(min=1.0) if not published else float(valid.shape[0])
 
     xyz_err = torch.sqrt(((xyz_hat - batch.points3D) ** 2).sum(-1) + 1e-12)
     xyz_loss = (xyz_err * valid).sum() / n_valid
-    per_image = ((valid - r) ** 2 * seen).sum(1) / seen.sum(1).clamp(min=1.0)
+    per_image = ((valid - r) ** 2 * seen).sum(1)
+    if not published:
+        per_image = per_image / seen.sum(1).clamp(min=1.0)
     # An image none of whose keypoints the loss sees (a synthetic one without labels, "ignored")
     # adds nothing, rather than a sqrt(1e-12) pull.
     has_seen = (seen.sum(1) > 0).float()
@@ -376,6 +472,50 @@ def _coordinate_frame(points: torch.Tensor, valid: torch.Tensor) -> tuple[torch.
     return center, max(scale, 1e-3)
 
 
+def _training_step(model: D2SNet, optimizer: torch.optim.Optimizer, batch: Batch, tau_px: float | None,
+                   median_depth: float, config: D2STrainConfig, device: torch.device,
+                   use_amp: bool) -> dict[str, torch.Tensor]:
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+        losses = batch_losses(model, batch, tau_px, median_depth, config.reprojection_weight, config.loss_reduction)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
+    return losses
+
+
+def measure_step_seconds(model: D2SNet, packed: PackedImages, config: D2STrainConfig, device: torch.device,
+                         use_amp: bool) -> float:
+    """Schedule-weighted seconds per step, from throw-away steps on a copy of the model (the
+    training itself, its RNG stream included, stays exactly that of a fixed iteration count).
+    Each batch kind (early / full, with / without the reprojection term) runs
+    ``calibration_steps`` times; the first of each is a warm-up and is not counted."""
+    probe = copy.deepcopy(model).train()
+    optimizer = torch.optim.Adam(probe.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed + 7919)
+    early = bool(config.early_images_per_batch or config.early_keypoints_per_image) and config.early_fraction > 0
+    rf = config.reprojection_fraction
+    kinds = []  # (iteration standing for the kind, tau, weight in the schedule)
+    for is_early, phase_weight in ((True, config.early_fraction), (False, 1.0 - config.early_fraction)) if early \
+            else ((False, 1.0),):
+        stand_in = 0 if is_early else None
+        # The reprojection phase is the last fraction: it falls within the full-batch phase.
+        reproj_share = 0.0 if is_early else (min(rf, phase_weight) / phase_weight if phase_weight > 0 else 0.0)
+        kinds.append((stand_in, None, phase_weight * (1.0 - reproj_share)))
+        if reproj_share > 0:
+            kinds.append((stand_in, config.reprojection_tau_max_px, phase_weight * reproj_share))
+    planning = dataclasses.replace(config, iterations=max(1, config.calibration_steps))
+    seconds = 0.0
+    for stand_in, tau, weight in kinds:
+        times = []
+        for _ in range(config.calibration_steps):
+            t0 = time.perf_counter()
+            batch = sample_batch(packed, planning, generator, device, stand_in)
+            _training_step(probe, optimizer, batch, tau, packed.median_depth, config, device, use_amp)
+            times.append(time.perf_counter() - t0)
+        seconds += weight * float(np.median(times[1:]))
+    return seconds
+
+
 def train_d2s(
     real: list[LabelledImage],
     config: D2STrainConfig,
@@ -383,16 +523,23 @@ def train_d2s(
     work_dir: Path | str,
     synthetic: list[LabelledImage] | None = None,
     progress: bool = True,
+    validation: list[LabelledImage] | None = None,
 ) -> TrainResult:
     """Train D2S on ``real`` (mapping and augmented images) plus optional ``synthetic`` ones.
 
     Each batch draws ``synthetic_ratio`` of its images from ``synthetic`` when there are any.
+    ``validation``: labelled frames disjoint from the training and scoring frames, for the
+    learning curves (which also score a few real training frames).
     """
     from tqdm.auto import tqdm
 
+    from offline.learning_curves import score_images, train_probe
+
+    t_begin = time.perf_counter()
     if not real:
         raise ValueError("train_d2s needs at least one real labelled image")
     synthetic = list(synthetic or [])
+    validation = list(validation or [])
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
@@ -411,21 +558,68 @@ def train_d2s(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
 
-    start, seconds_before, history = 0, 0.0, []
+    start, seconds_before, history, curves, step_seconds = 0, 0.0, [], [], None
     state = _load_checkpoint(work_dir, model, optimizer, device, model_config, packed.fingerprint)
     if state is not None:
         start, seconds_before, history = state["iteration"], state["seconds"], state["history"]
+        curves = state.get("curves", [])
+        step_seconds = state.get("step_seconds")
         _set_generator_state(generator, state["generator"])
+        if config.train_minutes is not None and state.get("iterations_planned"):
+            # The schedule a wall-clock budget fixed is kept: resuming must not re-plan it.
+            config = dataclasses.replace(config, iterations=int(state["iterations_planned"]),
+                                         curve_points=int(state.get("curve_points", config.curve_points)))
+
+    probe = train_probe(real)
+
+    def curve_point(iteration: int, elapsed: float) -> None:
+        if config.curve_points == 0:
+            return
+        curves.append({"iteration": iteration, "seconds": elapsed,
+                       "lr": learning_rate(config, max(0, iteration - 1)) if iteration else learning_rate(config, 0),
+                       "train": score_images(model, probe, device),
+                       "validation": score_images(model, validation, device) if validation else None})
+        write_json_atomic(work_dir / CURVES_NAME, {"curves": curves, "iterations_planned": config.iterations,
+                                                   "n_validation_frames": len(validation),
+                                                   "train_probe": [im.name for im in probe],
+                                                   "validation_frames": [im.name for im in validation]})
+
+    if state is None:
+        if config.train_minutes is not None and config.curve_points:
+            # Lazy imports and first calls (poselib, kernels) would make the first point look several
+            # times as costly as the later ones (measured: ~10 s vs ~2 s) and cost training steps.
+            score_images(model, probe[:1], device)
+        t0 = time.perf_counter()
+        curve_point(0, 0.0)
+        curve_s = time.perf_counter() - t0
+        if config.train_minutes is not None:
+            step_seconds = measure_step_seconds(model, packed, config, device, use_amp)
+            # The curves may take at most a tenth of the budget: fewer points rather than fewer steps.
+            affordable = int(0.1 * 60.0 * config.train_minutes / max(curve_s, 1e-6))
+            if config.curve_points and affordable < config.curve_points:
+                config = dataclasses.replace(config, curve_points=max(1, affordable))
+            fixed_s = (time.perf_counter() - t_begin) + config.curve_points * curve_s
+            config = dataclasses.replace(config, iterations=iterations_for_budget(
+                60.0 * config.train_minutes, step_seconds, fixed_s))
+            if curves:
+                curves[0]["lr"] = learning_rate(config, 0)
+        seconds_before = time.perf_counter() - t_begin  # planning is part of the training's time
+    curve_every = max(1, config.iterations // config.curve_points) if config.curve_points else 0
 
     def checkpoint(iteration: int, seconds: float) -> None:
         _save_checkpoint(work_dir, model, optimizer, {
-            "iteration": iteration, "seconds": seconds, "history": history,
+            "iteration": iteration, "seconds": seconds, "history": history, "curves": curves,
+            "iterations_planned": config.iterations, "step_seconds": step_seconds, "curve_points": config.curve_points,
             "generator": _generator_state(generator), "model_config": model_config.to_dict(),
             "data_fingerprint": packed.fingerprint, "train_config": config.to_dict(),
         })
 
+    def result(iteration: int) -> TrainResult:
+        return TrainResult(model=model.eval(), history=history, iteration=iteration, curves=curves,
+                           iterations_planned=config.iterations, step_seconds=step_seconds)
+
     if start >= config.iterations:
-        return TrainResult(model=model.eval(), history=history, iteration=start)
+        return result(start)
 
     model.train()
     t0 = time.perf_counter()
@@ -439,13 +633,9 @@ def train_d2s(
             lr = learning_rate(config, iteration)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = sample_batch(packed, config, generator, device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                losses = batch_losses(model, batch, reprojection_threshold_px(config, iteration),
-                                      packed.median_depth, config.reprojection_weight)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
+            batch = sample_batch(packed, config, generator, device, iteration)
+            losses = _training_step(model, optimizer, batch, reprojection_threshold_px(config, iteration),
+                                    packed.median_depth, config, device, use_amp)
             completed = iteration + 1
 
             for key, value in losses.items():
@@ -458,6 +648,8 @@ def train_d2s(
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", xyz=f"{entry['xyz_loss']:.3f}",
                                 rel=f"{entry['rel_loss']:.3f}")
                 window, window_n = {}, 0
+            if curve_every and (completed % curve_every == 0 or completed == config.iterations):
+                curve_point(completed, seconds_before + time.perf_counter() - t0)
             bar.update(1)
             if completed % config.checkpoint_every == 0 and completed != config.iterations:
                 checkpoint(completed, seconds_before + time.perf_counter() - t0)
@@ -468,4 +660,4 @@ def train_d2s(
     finally:
         bar.close()
     checkpoint(completed, seconds_before + time.perf_counter() - t0)
-    return TrainResult(model=model.eval(), history=history, iteration=completed)
+    return result(completed)

@@ -5,6 +5,7 @@
     .venv/bin/python scripts/benchmark.py ablation --fractions 0.04 0.02
     .venv/bin/python scripts/benchmark.py node-latency --map runs/bench/core_map   # the ROS 2 node, 640x480
     .venv/bin/python scripts/benchmark.py soak --frames 5000                      # the node's memory
+    .venv/bin/python scripts/benchmark.py seeds --name cosine --variant "--no-synthesis --lr-schedule cosine"
 
 Each run rewrites its own section of docs/BENCHMARKS.md (between markers) and keeps the
 raw JSON next to the maps in --runs.
@@ -22,6 +23,7 @@ from offline.bench.ablation import add_ablation_parser  # noqa: E402
 from offline.bench.common import DEFAULT_DATA, REPO  # noqa: E402
 from offline.bench.core import bench_core  # noqa: E402
 from offline.bench.node import add_node_benchmark_parsers  # noqa: E402
+from offline.bench.seeds import add_seeds_parser  # noqa: E402
 
 
 def main() -> None:
@@ -44,6 +46,7 @@ def main() -> None:
 
     add_ablation_parser(sub)
     add_node_benchmark_parsers(sub)
+    add_seeds_parser(sub, str(DEFAULT_DATA))
     args = p.parse_args()
     args.func(args)
 

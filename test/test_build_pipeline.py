@@ -175,3 +175,38 @@ def test_cli_evaluate_writes_results(demo, tmp_path):
     # Map frames are not queries: 48 frames - 16 map frames = 32, every 8th -> 4.
     assert res["n_queries"] == 4
     assert (tmp_path / "eval" / "error_cdf.png").stat().st_size > 0
+
+
+def test_validation_frames_curves_and_the_cached_evaluation(demo, tmp_path):
+    """Validation frames: held out of the map, watched by the learning curves, never scored;
+    the evaluation's query-feature cache gives the same results from cache as fresh."""
+    cfg = small_config(every=3, validation_frames=2)
+    work = tmp_path / "map.work"
+    build_map(demo["frames"], tmp_path / "map", cfg, work_dir=work, progress=False, log=lambda s: None)
+    manifest = json.loads((tmp_path / "map" / "manifest.json").read_text())
+    mapping = {f["name"] for f in manifest["frames"]}
+    validation = manifest["training"]["validation_frames"]
+    assert len(validation) == 2 and not set(validation) & mapping
+    curves = json.loads((work / "learning_curves.json").read_text())
+    assert curves[0]["iteration"] == 0 and curves[-1]["iteration"] == 40
+    assert all(c["validation"]["n_images"] == 2 for c in curves)  # no depth in the bag: pose errors only
+    assert all(c["train"]["n_labelled"] > 0 for c in curves)
+    report = (tmp_path / "map" / "report.html").read_text()
+    assert "Learning curves" in report and validation[0] in report
+
+    results = []
+    for run in range(2):
+        out = tmp_path / f"eval{run}"
+        proc = _cli("evaluate", str(tmp_path / "map"), str(demo["root"] / "bag"), "--out", str(out),
+                    "--method", "d2s", "--device", "cpu", "--feature-cache", str(tmp_path / "qcache"), "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        n_queries = N_FRAMES - len(mapping) - 2
+        assert (f"{n_queries} extracted" if run == 0 else f"{n_queries} from the cache, 0 extracted") in proc.stderr
+        results.append(json.loads((out / "results.json").read_text()))
+    assert results[0]["n_queries"] == n_queries
+    names = {q["name"] for q in results[0]["queries"]}
+    assert not names & (mapping | set(validation))
+    for a, b in zip(results[0]["queries"], results[1]["queries"]):
+        assert a["name"] == b["name"] and a["translation_error_m"] == b["translation_error_m"]
+    for key in ("recall_2cm", "recall_5cm", "recall_10cm", "median_translation_ci95_m", "bootstrap"):
+        assert key in results[0]

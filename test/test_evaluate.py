@@ -14,8 +14,8 @@ import pytest
 
 from d2s_nerf_ros.camera import CameraIntrinsics
 from d2s_nerf_ros.geometry import make_pose, matrix_from_rotvec, pose_error
-from offline.evaluate import (evaluate_localizer, json_safe, latency_summary, plot_error_cdf, summarize_errors,
-                              write_results)
+from offline.evaluate import (auto_block_length, block_bootstrap_ci, evaluate_localizer, json_safe, latency_summary,
+                              paired_median_change_ci, plot_error_cdf, summarize_errors, write_results)
 from offline.sources.frames import Frame
 
 CAMERA = CameraIntrinsics(64, 48, 50.0, 50.0, 31.5, 23.5)
@@ -184,3 +184,94 @@ def test_evaluate_localizer_against_ground_truth(tmp_path: Path):
     assert [r["name"] for r in rows2] == ["seq/f0", "seq/f2", "seq/f4"]
     with pytest.raises(ValueError, match="every"):
         evaluate_localizer(localize, frames, every=0)
+
+
+# ------------------------------------------------------------------------------ confidence intervals
+def _ar1(rng: np.random.Generator, n: int, phi: float) -> np.ndarray:
+    """A stationary Gaussian AR(1) series with unit marginal variance (median 0)."""
+    x = np.empty(n)
+    x[0] = rng.normal()
+    noise = rng.normal(scale=math.sqrt(1 - phi ** 2), size=n)
+    for i in range(1, n):
+        x[i] = phi * x[i - 1] + noise[i]
+    return x
+
+
+def test_median_interval_covers_a_known_median_at_about_the_nominal_rate():
+    # Log-normal errors with a median of exactly 5 cm, independent draws of 120 queries.
+    rng = np.random.default_rng(1)
+    covered, repeats = 0, 300
+    for i in range(repeats):
+        errors = 0.05 * np.exp(rng.normal(scale=0.8, size=120))
+        ci = block_bootstrap_ci(errors, n_resamples=600, seed=i)
+        assert ci["low"] <= np.median(errors) <= ci["high"]
+        covered += ci["low"] <= 0.05 <= ci["high"]
+    # Nominal 95 %; a binomial over 300 repeats has an SD of ~1.3 points.
+    assert 0.89 <= covered / repeats <= 0.99, covered / repeats
+
+
+def test_block_bootstrap_is_wider_than_iid_on_a_correlated_series_and_keeps_its_coverage():
+    rng = np.random.default_rng(2)
+    block_cover = iid_cover = 0
+    ratios = []
+    repeats = 150
+    for i in range(repeats):
+        errors = 0.05 * np.exp(0.8 * _ar1(rng, 480, 0.9))  # neighbouring queries share most of their error
+        block = block_bootstrap_ci(errors, n_resamples=500, seed=i)
+        iid = block_bootstrap_ci(errors, block_length=1, n_resamples=500, seed=i)
+        assert block["block_length"] > 5  # the autocorrelation, not only the n^(1/3) floor, sets it
+        ratios.append((block["high"] - block["low"]) / (iid["high"] - iid["low"]))
+        block_cover += block["low"] <= 0.05 <= block["high"]
+        iid_cover += iid["low"] <= 0.05 <= iid["high"]
+    assert np.median(ratios) > 1.8, np.median(ratios)
+    # An iid bootstrap on this series claims a precision it does not have; the block one covers
+    # the true median far more often (a block bootstrap of a short strongly correlated series is
+    # still somewhat optimistic).
+    assert iid_cover / repeats < 0.7, iid_cover / repeats
+    assert block_cover / repeats > 0.8, block_cover / repeats
+
+
+def test_block_length_rule_and_failures_in_the_interval():
+    rng = np.random.default_rng(3)
+    assert auto_block_length(rng.normal(size=1000)) == 10  # iid: the n^(1/3) floor
+    assert auto_block_length([1.0, 2.0, 3.0]) == 1
+    assert auto_block_length(np.sort(rng.normal(size=100))) == 25  # a trend: capped at n / 4
+    # Failures are infinite errors: with most queries failed the interval's top is infinite.
+    errors = np.r_[np.full(30, 0.02), np.full(70, np.inf)]
+    ci = block_bootstrap_ci(errors, block_length=5, n_resamples=200)
+    assert ci["high"] == math.inf
+    with pytest.raises(ValueError):
+        block_bootstrap_ci(errors, block_length=0)
+    assert block_bootstrap_ci([])["low"] is None
+
+
+def test_summary_has_translation_recalls_and_the_median_interval():
+    t = [0.01, 0.03, 0.04, 0.08, 0.2, None]
+    s = summarize_errors(t, [1.0, 1.0, 1.0, 1.0, 1.0, None], n_failed=1)
+    assert s["n_queries"] == 7
+    assert s["recall_2cm"] == pytest.approx(1 / 7)
+    assert s["recall_5cm"] == pytest.approx(3 / 7)
+    assert s["recall_10cm"] == pytest.approx(4 / 7)
+    low, high = s["median_translation_ci95_m"]
+    assert low <= s["median_translation_m"] <= high
+    assert s["bootstrap"]["block_length"] >= 1
+    assert json.loads(json.dumps(json_safe(s)))["median_translation_ci95_m"][1] in (None, high)
+
+
+def test_paired_change_interval_sees_a_real_effect_and_not_a_null_one():
+    rng = np.random.default_rng(4)
+    # Three seeds per arm on the same 300 correlated queries: a shared per-query difficulty
+    # (the pairing), seed-to-seed noise of ~9 % (as measured on RedKitchen) and per-(seed, query) noise.
+    difficulty = 0.05 * np.exp(0.8 * _ar1(rng, 300, 0.9))
+
+    def arm(scale: float) -> np.ndarray:
+        seed_factor = np.exp(rng.normal(scale=0.09, size=(3, 1)))
+        return scale * difficulty * seed_factor * np.exp(rng.normal(scale=0.3, size=(3, 300)))
+
+    null = paired_median_change_ci(arm(1.0), arm(1.0), n_resamples=500)
+    assert null["low"] < 0 < null["high"] and not null["excludes_zero"]
+    effect = paired_median_change_ci(arm(1.0), arm(0.6), n_resamples=500)
+    assert effect["excludes_zero"] and effect["high"] < 0 and effect["low"] < -0.4 + 0.2
+    assert -0.55 < effect["change"] < -0.25
+    with pytest.raises(ValueError):
+        paired_median_change_ci(np.ones((3, 10)), np.ones((3, 9)))

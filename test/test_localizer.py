@@ -11,6 +11,7 @@ import torch
 
 from d2s_nerf_ros.camera import CameraIntrinsics
 from d2s_nerf_ros.features import make_extractor
+from d2s_nerf_ros.features.base import Features
 from d2s_nerf_ros.geometry import pose_error, transform_points
 from d2s_nerf_ros.localizer import LocalizationResult, Localizer, LocalizerConfig
 from d2s_nerf_ros.map_bundle import MapBundle
@@ -195,6 +196,15 @@ def test_overfit_map_localizes_its_own_frame(redkitchen_dir: Path):
     assert result.reason == "" and not result.used_fallback
     dt, dr = pose_error(result.T_world_cam, T_gt)
     assert dt < 0.05 and dr < 2.0, (dt, dr)
+    # From the same features extracted beforehand (an evaluation's query cache): the same pose.
+    cached = localizer.localize_features(features, CAMERA)
+    assert cached.success and cached.n_keypoints == result.n_keypoints and "extract" not in cached.timings_ms
+    assert np.allclose(cached.T_world_cam, result.T_world_cam, atol=1e-6)
+    assert_failed_cleanly(localizer.localize_features(features, CameraIntrinsics(320, 240, 262.5, 262.5, 160, 120)),
+                          "do not match camera info")
+    short = Features(features.keypoints, features.descriptors[:, :64], features.scores, features.image_size)
+    assert_failed_cleanly(localizer.localize_features(short, CAMERA), "64-d descriptors")
+    assert_failed_cleanly(localizer.localize_features(image, CAMERA), "must be Features")
     assert result.n_inliers >= 100 and result.n_reliable >= result.n_inliers
     assert set(result.timings_ms) == STAGES
     cov = result.covariance

@@ -19,7 +19,8 @@ from d2s_nerf_ros.models.d2s import D2SConfig, D2SNet
 from offline.augment import AugmentConfig, augment_images
 from offline.labelled import LabelledImage
 from offline.train_d2s import (
-    D2STrainConfig, batch_losses, learning_rate, pack_images, reprojection_threshold_px, sample_batch, train_d2s,
+    CURVES_NAME, D2STrainConfig, batch_losses, iterations_for_budget, learning_rate, pack_images,
+    reprojection_threshold_px, sample_batch, train_d2s,
 )
 
 torch.set_num_threads(1)  # the machine is shared: one thread trains faster than two contended ones
@@ -59,6 +60,37 @@ def test_learning_rate_schedule_hand_computed():
                 499: 2.5e-4, 500: 1.25e-4, 750: 6.25e-5, 999: 6.25e-5}
     for iteration, lr in expected.items():
         assert learning_rate(config, iteration) == pytest.approx(lr), iteration
+
+
+def test_cosine_and_onecycle_schedules_anneal_fully():
+    cosine = D2STrainConfig(iterations=1001, lr=2e-3, warmup_fraction=0.0, lr_schedule="cosine")
+    assert learning_rate(cosine, 0) == pytest.approx(2e-3)
+    assert learning_rate(cosine, 500) == pytest.approx(1e-3)  # half-way down the cosine
+    assert learning_rate(cosine, 1000) == pytest.approx(0.0, abs=1e-12)  # the last step: fully annealed
+    one = D2STrainConfig(iterations=1001, lr=3e-3, lr_schedule="onecycle", onecycle_rise_fraction=0.25)
+    assert learning_rate(one, 0) == pytest.approx(3e-3 / 25)
+    assert learning_rate(one, 125) == pytest.approx((3e-3 / 25 + 3e-3) / 2)
+    assert learning_rate(one, 250) == pytest.approx(3e-3)
+    assert learning_rate(one, 1000) == pytest.approx(3e-3 / 25 / 1e4)
+    lrs = [learning_rate(one, i) for i in range(250, 1001)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone anneal after the peak
+    with pytest.raises(ValueError, match="lr_schedule"):
+        D2STrainConfig(lr_schedule="linear")
+
+
+def test_wall_clock_plan_fits_the_budget_with_its_anneal():
+    budget_s, step_s, fixed_s = 600.0, 0.37, 25.0
+    n = iterations_for_budget(budget_s, step_s, fixed_s)
+    assert n == math.floor((0.95 * budget_s - fixed_s) / step_s)
+    # The whole schedule, anneal included, ends inside the budget at the measured step time, and
+    # one more step's worth of margin is left for drift.
+    assert fixed_s + n * step_s <= budget_s - step_s
+    config = D2STrainConfig(iterations=n, lr=2e-3, lr_schedule="cosine")
+    assert learning_rate(config, n - 1) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="fits only"):
+        iterations_for_budget(3.0, 0.5, 2.0)
+    with pytest.raises(ValueError):
+        iterations_for_budget(60.0, 0.0, 1.0)
 
 
 def test_reprojection_threshold_shrinks_over_the_last_fifth():
@@ -135,6 +167,41 @@ def test_batches_subsample_keypoints_and_mix_synthetic_images():
         for b in range(4):
             rows = batch.descriptors[b][batch.mask[b]]
             assert len(torch.unique(rows, dim=0)) == len(rows)
+
+
+def test_early_batches_have_more_images_with_fewer_keypoints():
+    rng = np.random.default_rng(5)
+    packed = pack_images([geometric_image(rng, f"r{i}", 300, 16) for i in range(6)], 16, torch.device("cpu"), [False] * 6)
+    config = D2STrainConfig(iterations=100, images_per_batch=2, max_keypoints_per_image=256,
+                            early_images_per_batch=6, early_keypoints_per_image=64, early_fraction=0.5)
+    gen = torch.Generator().manual_seed(0)
+    assert sample_batch(packed, config, gen, torch.device("cpu"), 0).descriptors.shape == (6, 64, 16)
+    assert sample_batch(packed, config, gen, torch.device("cpu"), 49).descriptors.shape == (6, 64, 16)
+    assert sample_batch(packed, config, gen, torch.device("cpu"), 50).descriptors.shape == (2, 256, 16)
+    assert sample_batch(packed, config, gen, torch.device("cpu")).descriptors.shape == (2, 256, 16)
+
+
+def test_published_reduction_sums_per_image():
+    rng = np.random.default_rng(6)
+    images = [geometric_image(rng, f"r{i}", 100, 16) for i in range(3)]
+    packed = pack_images(images, 16, torch.device("cpu"), [False] * 3)
+    config = D2STrainConfig(iterations=10, images_per_batch=3, max_keypoints_per_image=100)
+    batch = sample_batch(packed, config, torch.Generator().manual_seed(0), torch.device("cpu"))
+    torch.manual_seed(0)
+    model = D2SNet(D2SConfig(16, **SMALL)).eval()
+    with torch.no_grad():
+        norm = batch_losses(model, batch, None, 2.0, 1.0)
+        pub = batch_losses(model, batch, None, 2.0, 1.0, reduction="published")
+        xyz, u = model(batch.descriptors, batch.mask)
+    from d2s_nerf_ros.models.d2s import reliability
+
+    valid = batch.valid.float()
+    err = (xyz - batch.points3D).norm(dim=-1)
+    assert float(pub["xyz_loss"]) == pytest.approx(float((err * valid).sum() / 3), rel=1e-5)
+    assert float(pub["xyz_loss"]) == pytest.approx(float(norm["xyz_loss"]) * float(valid.sum()) / 3, rel=1e-5)
+    per_image = torch.sqrt(((valid - reliability(u)) ** 2 * batch.mask.float()).sum(1))
+    assert float(pub["rel_loss"]) == pytest.approx(float(per_image.mean()), rel=1e-5)
+    assert float(pub["rel_loss"]) == pytest.approx(float(norm["rel_loss"]) * 10.0, rel=1e-4)  # sqrt(100 keypoints)
 
 
 def test_ignored_synthetic_unlabelled_keypoints_leave_the_reliability_loss():
@@ -215,6 +282,47 @@ def test_overfits_a_tiny_labelled_set(tmp_path):
     assert h[-1]["lr"] == pytest.approx(1e-3 / 8)
 
 
+def test_learning_curves_of_a_tiny_training(tmp_path):
+    rng = np.random.default_rng(7)
+    images = [geometric_image(rng, f"im{i}", 200, 64) for i in range(2)]
+    validation = [geometric_image(rng, f"val{i}", 200, 64) for i in range(2)]
+    config = D2STrainConfig(iterations=300, images_per_batch=2, max_keypoints_per_image=256, lr=1e-3,
+                            lr_schedule="cosine", device="cpu", log_every=50, checkpoint_every=10_000, curve_points=3)
+    result = train_d2s(images, config, D2SConfig(64, **SMALL), tmp_path, progress=False, validation=validation)
+    doc = json.loads((tmp_path / CURVES_NAME).read_text())
+    assert doc["curves"] == result.curves
+    assert [c["iteration"] for c in doc["curves"]] == [0, 100, 200, 300]
+    assert doc["validation_frames"] == ["val0", "val1"] and doc["train_probe"] == ["im0", "im1"]
+    first, last = doc["curves"][0], doc["curves"][-1]
+    for point in (first, last):
+        for part in ("train", "validation"):
+            assert point[part]["n_images"] == 2 and point[part]["n_labelled"] > 200
+    # It fits its training frames (cm-level labels, poses recovered) ...
+    assert last["train"]["median_error_m"] < 0.2 * first["train"]["median_error_m"]
+    assert last["train"]["reliable_within_10cm"] > 0.5 and last["train"]["reliable_per_image"] > 50
+    assert last["train"]["pose_failed"] == 0 and last["train"]["median_pose_t_m"] < 0.1
+    # ... and, with random descriptors, learns nothing that carries over: the validation curve says so.
+    assert last["validation"]["median_error_m"] > 5 * last["train"]["median_error_m"]
+    assert last["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_wall_clock_budget_fixes_a_schedule_that_completes(tmp_path):
+    rng = np.random.default_rng(8)
+    images = [geometric_image(rng, f"im{i}", 100, 32) for i in range(2)]
+    config = D2STrainConfig(iterations=1, train_minutes=0.1, images_per_batch=2, max_keypoints_per_image=64,
+                            lr_schedule="onecycle", device="cpu", checkpoint_every=10_000, curve_points=2,
+                            calibration_steps=3)
+    result = train_d2s(images, config, D2SConfig(32, n_layers=1, head_dims=(64,)), tmp_path, progress=False)
+    assert result.step_seconds > 0 and result.iterations_planned >= 10
+    assert result.iteration == result.iterations_planned  # the schedule ran to its end ...
+    assert result.history[-1]["lr"] == pytest.approx(config.lr / 25 / 1e4, rel=1e-6)  # ... fully annealed
+    assert [c["iteration"] for c in result.curves][-1] == result.iterations_planned
+    # A rerun resumes with the planned count; it does not plan again.
+    again = train_d2s(images, config, D2SConfig(32, n_layers=1, head_dims=(64,)), tmp_path, progress=False)
+    assert again.iteration == again.iterations_planned == result.iterations_planned
+    assert again.step_seconds == result.step_seconds
+
+
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -231,7 +339,7 @@ def test_training_resumes_from_its_checkpoint(tmp_path, capsys):
     assert first.iteration == 40
     pointer = json.loads((tmp_path / "a" / "latest.json").read_text())
     assert pointer["checkpoint"] == "ckpt-000000040"
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["ckpt-000000040", "latest.json"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["ckpt-000000040", "latest.json", "learning_curves.json"]
 
     second = train_d2s(images, D2STrainConfig(iterations=80, **common), model_config, tmp_path / "a",
                        progress=False)
