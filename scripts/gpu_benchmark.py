@@ -26,13 +26,14 @@ Measures, on each device asked for (``--device both``: cuda, then cpu, same fram
   them and they fill the profile's batch, else on synthetic descriptors (the JSON says which).
 
 Not measured there, and why: nerfstudio's NeRF training (the paper profile's 30k-iteration
-nerfacto) needs open3d alone at 448 MB (cp312 wheel) among ~45 dependencies; ONNX Runtime's
+nerfacto) has 48 direct requirements, among them open3d at 448 MB (cp312 wheel); ONNX Runtime's
 CUDA provider needs onnxruntime-gpu, a 247 MB cp312 wheel (1.30.0), both far over the 64 MiB
 that travels. The CPU numbers are the device's 16 cores, not a robot's.
 
 Writes ``gpu_benchmark.json`` (updated after every phase, so a run stopped at its limit still
-leaves what it measured) and ``gpu_benchmark.md`` (a snippet for docs/BENCHMARKS.md) to
-``--out`` (default ``$OUT``). Asking for CUDA where there is none prints one clear line and
+leaves what it measured) and ``gpu_benchmark.md`` (its tables) to ``--out`` (default ``$OUT``).
+Back here, ``scripts/benchmark.py gpu --results /work/.device/.../gpu_benchmark.json`` writes the
+``gpu`` section of docs/BENCHMARKS.md from the JSON. Asking for CUDA where there is none prints one clear line and
 exits with status 2 before anything else runs.
 """
 
@@ -255,46 +256,13 @@ def measure_training(bundle, labelled: list, profile: str, device: str, steps: i
 
 
 # ----------------------------------------------------------------------------- output
-def markdown(report: dict) -> str:
-    env = report["environment"]
-    lines = [f"Run {env['date_utc']} on {env['gpu'] or 'no GPU'} + {env['cpu_count']} cores of {env['cpu']} "
-             f"(torch {env['versions']['torch']}, CUDA {env['cuda']}, {env['torch_threads']} CPU threads, "
-             f"load {env['load_average'][0]:.2f}); map `{report['map']['name']}` ({report['map']['extractor']}), "
-             f"{report['n_frames']} held-out frames of the map's own recording (not the 7-Scenes test split).", ""]
-    if report["localization"]:
-        lines += ["| device | frames | failed | median t | median R | 5 cm / 5° | extract p50 / p90 | d2s p50 / p90 | "
-                  "pnp p50 / p90 | total p50 / p90 |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for device, run in report["localization"].items():
-            acc, lat = run["accuracy"], run["latency_ms"]
-
-            def stage(name: str) -> str:
-                s = lat.get(name)
-                return f"{s['p50']:.1f} / {s['p90']:.1f} ms" if s else "n/a"
-
-            t, r = acc["median_translation_m"], acc["median_rotation_deg"]
-            lines.append(f"| {device} | {acc['n_queries']} | {acc['n_failed']} | "
-                         f"{'failed' if t is None else f'{100 * t:.1f} cm'} | {'failed' if r is None else f'{r:.2f}°'} | "
-                         f"{100 * acc['recall_5cm_5deg']:.0f} % | {stage('extract')} | {stage('d2s')} | {stage('pnp')} | "
-                         f"{stage('total')} |")
-    if report["training"]:
-        lines += ["", "| D2S training | device | model (layers, head) | batch | data | it/s |", "|---|---|---|---|---|---|"]
-        for run in report["training"]:
-            rate = run["iterations_per_s"]
-            lines.append(f"| {run['profile']} profile | {run['device']}{' (bf16)' if run['bf16_autocast'] else ''} | "
-                         f"{run['model']['n_layers']}, {tuple(run['model']['head_dims'])} | "
-                         f"{run['images_per_batch']} × {run['keypoints_per_image']} | {run['data'].split(' (')[0]} | "
-                         f"{'n/a' if rate is None else f'{rate:.1f}'} |")
-    if report.get("errors"):
-        lines += ["", "Errors: " + "; ".join(report["errors"])]
-    return "\n".join(lines) + "\n"
-
-
 def write_outputs(report: dict, out: Path) -> None:
+    from offline.bench.gpu import results_markdown
     from offline.evaluate import json_safe
 
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("gpu_benchmark.json", json.dumps(json_safe(report), indent=1, allow_nan=False)),
-                       ("gpu_benchmark.md", markdown(report))):
+                       ("gpu_benchmark.md", results_markdown(report))):
         tmp = out / (name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, out / name)
@@ -356,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({run['data']})", flush=True)
     report["environment"]["load_average_end"] = list(os.getloadavg())
     write_outputs(report, args.out)
-    print(markdown(report))
+    print((args.out / "gpu_benchmark.md").read_text())
     print(f"gpu_benchmark: wrote {args.out / 'gpu_benchmark.json'} and {args.out / 'gpu_benchmark.md'}")
     return 0
 

@@ -8,6 +8,7 @@ keypoints added the way a build stores them.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -38,7 +39,7 @@ def labelled_map(path: Path, frames: list) -> Path:
     from offline.depth_labels import depth_labels
     from offline.labelled import LabelledImage
 
-    overfit = overfit_map(path.with_name(path.name + "-overfit"), frames)
+    overfit = overfit_map(path.with_name(path.name + "-overfit"), frames, threads=1)
     bundle = MapBundle.load(overfit)
     extractor = extractor_from_config(bundle.extractor_config, device="cpu")
     real = []
@@ -96,12 +97,18 @@ def test_carried_folder_holds_the_map_frames_and_no_report(carried: Path, kitche
     assert all(im.n_valid > 100 for im in labelled)
 
 
-def test_benchmark_on_the_cpu_writes_latency_accuracy_and_training(carried: Path, tmp_path: Path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory, carried: Path) -> Path:
+    out = tmp_path_factory.mktemp("cpu_run")
     proc = run_benchmark("--device", "cpu", "--data", str(carried), "--out", str(out), "--warmup-frames", "1",
                          "--profiles", "fast", "--train-data", "labels", "--cpu-train-steps", "2", "--train-warmup", "1",
                          "--cpu-threads", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_benchmark_on_the_cpu_writes_latency_accuracy_and_training(cpu_run: Path):
+    out = cpu_run
     report = json.loads((out / "gpu_benchmark.json").read_text())
     assert report["format"] == "d2s_gpu_benchmark" and report["devices"] == ["cpu"]
     assert report["environment"]["torch_threads"] == 1 and report["environment"]["gpu"] is None
@@ -129,16 +136,36 @@ def test_benchmark_on_the_cpu_writes_latency_accuracy_and_training(carried: Path
     assert "not the 7-Scenes test split" in snippet
 
 
+def test_a_cpu_run_is_not_published_as_gpu_numbers(cpu_run: Path, tmp_path: Path):
+    from offline.bench.gpu import bench_gpu, gpu_section
+
+    bench_md = tmp_path / "BENCHMARKS.md"
+    args = argparse.Namespace(results=str(cpu_run / "gpu_benchmark.json"), benchmarks_file=str(bench_md))
+    with pytest.raises(SystemExit, match="measured without a GPU"):
+        bench_gpu(args)
+    assert not bench_md.exists()
+    # The section's text (what `benchmark.py gpu` writes from a device run) renders from this JSON too.
+    section = gpu_section(json.loads((cpu_run / "gpu_benchmark.json").read_text()))
+    assert "| cpu | 2 | 0 |" in section and "timeout_s 300" in section
+
+
+def test_the_device_command_is_the_same_in_the_script_and_in_benchmarks():
+    from offline.bench.gpu import DEVICE_RUN_COMMAND
+
+    assert DEVICE_RUN_COMMAND in SCRIPT.read_text()
+    assert DEVICE_RUN_COMMAND in (REPO_ROOT / "docs" / "BENCHMARKS.md").read_text()
+
+
 def test_cuda_asked_for_without_a_gpu_is_one_clear_error(carried: Path, tmp_path: Path):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the no-GPU refusal cannot happen here")
-    for device in ("cuda", "both"):
-        proc = run_benchmark("--device", device, "--data", str(carried), "--out", str(tmp_path / device))
-        assert proc.returncode == 2
-        assert "needs CUDA" in proc.stderr and "--device cpu" in proc.stderr and "Traceback" not in proc.stderr
-        assert not (tmp_path / device).exists()
+    # No --device: the default, both devices, is what the device command runs.
+    proc = run_benchmark("--data", str(carried), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "needs CUDA" in proc.stderr and "--device cpu" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_carried_folder_says_how_to_make_it(tmp_path: Path):
