@@ -22,8 +22,9 @@ Measures, on each device asked for (``--device both``: cuda, then cpu, same fram
   not the 7-Scenes test split);
 - D2S training throughput (iterations/s, after warm-up steps) with the project's own
   ``train_d2s`` (bfloat16 autocast on CUDA as in a build) for the fast profile's and the
-  paper profile's model and batch sizes: on the map's labelled keypoints when the bundle holds
-  them and they fill the profile's batch, else on synthetic descriptors (the JSON says which).
+  paper profile's model and batch sizes: on the map's labelled keypoints when the map was
+  extracted at the profile's keypoints per image (a fast-profile map: the fast profile), else on
+  synthetic descriptors of the same shapes (the JSON says which).
 
 Not measured there, and why: nerfstudio's NeRF training (the paper profile's 30k-iteration
 nerfacto) has 48 direct requirements, among them open3d at 448 MB (cp312 wheel); ONNX Runtime's
@@ -32,9 +33,9 @@ that travels. The CPU numbers are the device's 16 cores, not a robot's.
 
 Writes ``gpu_benchmark.json`` (updated after every phase, so a run stopped at its limit still
 leaves what it measured) and ``gpu_benchmark.md`` (its tables) to ``--out`` (default ``$OUT``).
-Back here, ``scripts/benchmark.py gpu --results /work/.device/.../gpu_benchmark.json`` writes the
-``gpu`` section of docs/BENCHMARKS.md from the JSON. Asking for CUDA where there is none prints one clear line and
-exits with status 2 before anything else runs.
+Back here, ``scripts/benchmark.py gpu --results FILES_AT/gpu_benchmark.json`` (``files_at`` from the
+run's reply) writes the ``gpu`` section of docs/BENCHMARKS.md from the JSON. Asking for CUDA where
+there is none prints one clear line and exits with status 2 before anything else runs.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = ("fast", "paper")
-STAGES = ("extract", "d2s", "pnp", "total", "wall")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

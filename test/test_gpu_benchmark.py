@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from offline.bench import gpu_carry
-from test_node_dds import N_OVERFIT_FRAMES, overfit_map
+# redkitchen_frames: the node tests' fixture (the first N_OVERFIT_FRAMES RedKitchen frames), shared.
+from test_node_dds import N_OVERFIT_FRAMES, overfit_map, redkitchen_frames  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "gpu_benchmark.py"
@@ -55,23 +56,16 @@ def labelled_map(path: Path, frames: list) -> Path:
 
 
 @pytest.fixture(scope="module")
-def kitchen_frames(redkitchen_dir: Path) -> list:
-    from offline.sources.sevenscenes import load_sevenscenes
-
-    return list(load_sevenscenes(redkitchen_dir / "seq-01").frames[:N_OVERFIT_FRAMES])
+def map_dir(tmp_path_factory, redkitchen_frames: list) -> Path:
+    return labelled_map(tmp_path_factory.mktemp("maps") / "kitchen", redkitchen_frames)
 
 
 @pytest.fixture(scope="module")
-def map_dir(tmp_path_factory, kitchen_frames: list) -> Path:
-    return labelled_map(tmp_path_factory.mktemp("maps") / "kitchen", kitchen_frames)
-
-
-@pytest.fixture(scope="module")
-def carried(tmp_path_factory, map_dir: Path, kitchen_frames: list) -> Path:
+def carried(tmp_path_factory, map_dir: Path, redkitchen_frames: list) -> Path:
     # The overfit map localises only the frames it memorised, so these stand in for held-out
     # ones here: the test is about the plumbing and the report, not about generalisation.
     dest = tmp_path_factory.mktemp("carry") / ".gpu"
-    gpu_carry.write_carried(dest, map_dir, kitchen_frames, "the overfit map's own frames (test)")
+    gpu_carry.write_carried(dest, map_dir, redkitchen_frames, "the overfit map's own frames (test)")
     return dest
 
 
@@ -81,11 +75,11 @@ def run_benchmark(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO_ROOT, timeout=900)
 
 
-def test_carried_folder_holds_the_map_frames_and_no_report(carried: Path, kitchen_frames: list):
+def test_carried_folder_holds_the_map_frames_and_no_report(carried: Path, redkitchen_frames: list):
     data = gpu_carry.load_carried(carried)
     assert data.manifest["format"] == gpu_carry.CARRY_FORMAT and data.manifest["bytes"] > 0
-    assert [f.name for f in data.frames] == [f.name for f in kitchen_frames]
-    for original, frame in zip(kitchen_frames, data.frames):
+    assert [f.name for f in data.frames] == [f.name for f in redkitchen_frames]
+    for original, frame in zip(redkitchen_frames, data.frames):
         assert frame.image_path.suffix == ".png"
         assert np.array_equal(frame.load_rgb(), original.load_rgb())  # PNG: the decoded pixels, exactly
         assert np.array_equal(frame.T_world_cam, original.T_world_cam)
@@ -93,7 +87,7 @@ def test_carried_folder_holds_the_map_frames_and_no_report(carried: Path, kitche
     assert sorted(p.name for p in (carried / gpu_carry.MAP_DIR).iterdir()) == [
         "d2s.safetensors", "manifest.json", "map_points.safetensors"]
     labelled = gpu_carry.map_training_images(data.bundle)
-    assert [im.name for im in labelled] == [f.name for f in kitchen_frames]
+    assert [im.name for im in labelled] == [f.name for f in redkitchen_frames]
     assert all(im.n_valid > 100 for im in labelled)
 
 
@@ -185,7 +179,7 @@ def test_training_on_synthetic_descriptors_when_the_map_has_no_labels(carried: P
     assert run["iterations_per_s"] > 0
 
 
-def test_held_out_frames_skip_the_mapping_frames_and_spread_evenly(kitchen_frames: list):
+def test_held_out_frames_skip_the_mapping_frames_and_spread_evenly(redkitchen_frames: list):
     class Named:
         def __init__(self, name: str) -> None:
             self.name = name
@@ -201,10 +195,10 @@ def test_held_out_frames_skip_the_mapping_frames_and_spread_evenly(kitchen_frame
         gpu_carry.held_out_frames(frames[:5], {f.name for f in frames[:5]}, 3)
 
 
-def test_over_the_size_limit_nothing_is_written(tmp_path: Path, map_dir: Path, kitchen_frames: list):
+def test_over_the_size_limit_nothing_is_written(tmp_path: Path, map_dir: Path, redkitchen_frames: list):
     dest = tmp_path / ".gpu"
     with pytest.raises(ValueError, match="over the 0 MiB limit"):
-        gpu_carry.write_carried(dest, map_dir, kitchen_frames, "test", max_bytes=1000)
+        gpu_carry.write_carried(dest, map_dir, redkitchen_frames, "test", max_bytes=1000)
     assert not dest.exists() and not dest.with_name(".gpu.tmp").exists()
 
 
