@@ -68,11 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profiles", nargs="*", choices=PROFILES, default=list(PROFILES),
                    help="D2S training throughput for these build profiles' sizes (none: skip training)")
     p.add_argument("--train-steps", type=int, default=300, help="timed training steps on CUDA")
-    p.add_argument("--cpu-train-steps", type=int, default=20, help="timed training steps on the CPU")
+    p.add_argument("--cpu-train-steps", type=int, default=10, help="timed training steps on the CPU")
     p.add_argument("--train-data", choices=("auto", "labels", "synthetic"), default="auto",
                    help="auto: the map's labelled keypoints where it was extracted at the profile's keypoint "
                         "budget (a fast-profile map: fast yes, paper no), else synthetic descriptors")
-    p.add_argument("--train-warmup", type=int, default=10, help="untimed training steps before timing")
+    p.add_argument("--train-warmup", type=int, default=10, help="untimed training steps before timing, on CUDA")
+    p.add_argument("--cpu-train-warmup", type=int, default=2, help="untimed training steps before timing, on the CPU")
     args = p.parse_args(argv)
     if args.out is None:
         p.error("--out is required where $OUT is not set")
@@ -80,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.warmup_frames < 0 or args.train_warmup < 1:
-        p.error("--warmup-frames must be >= 0 and --train-warmup >= 1")
+    if args.warmup_frames < 0 or args.train_warmup < 1 or args.cpu_train_warmup < 1:
+        p.error("--warmup-frames must be >= 0, --train-warmup and --cpu-train-warmup >= 1")
     return args
 
 
@@ -261,8 +262,9 @@ def write_outputs(report: dict, out: Path) -> None:
     from offline.evaluate import json_safe
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("gpu_benchmark.json", json.dumps(json_safe(report), indent=1, allow_nan=False)),
-                       ("gpu_benchmark.md", results_markdown(report))):
+    safe = json_safe(report)  # what the JSON holds (inf -> null) is what the tables show
+    for name, text in (("gpu_benchmark.json", json.dumps(safe, indent=1, allow_nan=False)),
+                       ("gpu_benchmark.md", results_markdown(safe))):
         tmp = out / (name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, out / name)
@@ -312,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for device in devices:
         for profile in args.profiles:
-            steps = args.train_steps if device == "cuda" else args.cpu_train_steps
+            steps, warmup = ((args.train_steps, args.train_warmup) if device == "cuda"
+                             else (args.cpu_train_steps, args.cpu_train_warmup))
             try:
-                run = measure_training(bundle, labelled, profile, device, steps, args.train_warmup, args.train_data)
+                run = measure_training(bundle, labelled, profile, device, steps, warmup, args.train_data)
             except torch.cuda.OutOfMemoryError as e:  # a bigger batch than the card holds is a result, not a crash
                 report["errors"].append(f"training {profile} on {device}: out of memory ({e})")
                 continue

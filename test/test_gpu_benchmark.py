@@ -95,7 +95,7 @@ def test_carried_folder_holds_the_map_frames_and_no_report(carried: Path, redkit
 def cpu_run(tmp_path_factory, carried: Path) -> Path:
     out = tmp_path_factory.mktemp("cpu_run")
     proc = run_benchmark("--device", "cpu", "--data", str(carried), "--out", str(out), "--warmup-frames", "1",
-                         "--profiles", "fast", "--train-data", "labels", "--cpu-train-steps", "2", "--train-warmup", "1",
+                         "--profiles", "fast", "--train-data", "labels", "--cpu-train-steps", "2", "--cpu-train-warmup", "1",
                          "--cpu-threads", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

@@ -58,7 +58,7 @@ def results_markdown(report: dict) -> str:
             lines.append(f"| {run['profile']} profile | {run['device']}{' (bf16 autocast)' if run['bf16_autocast'] else ''} | "
                          f"{run['model']['n_layers']}, {tuple(run['model']['head_dims'])} | "
                          f"{run['images_per_batch']} × {run['keypoints_per_image']} | {run['data'].split(' (')[0]} | "
-                         f"{'n/a' if rate is None else f'{rate:.1f}'} |")
+                         f"{'n/a' if rate is None else f'{rate:.3g}'} |")
     if report.get("errors"):
         lines += ["", "Errors: " + "; ".join(report["errors"])]
     return "\n".join(lines) + "\n"
