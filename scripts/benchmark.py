@@ -6,6 +6,7 @@
     .venv/bin/python scripts/benchmark.py node-latency --map runs/bench/core_map   # the ROS 2 node, 640x480
     .venv/bin/python scripts/benchmark.py soak --frames 5000                      # the node's memory
     .venv/bin/python scripts/benchmark.py seeds --name cosine --variant "--no-synthesis --lr-schedule cosine"
+    .venv/bin/python scripts/benchmark.py gpu --results OUT/gpu_benchmark.json    # a device run of scripts/gpu_benchmark.py
 
 Each run rewrites its own section of docs/BENCHMARKS.md (between markers) and keeps the
 raw JSON next to the maps in --runs.
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from offline.bench.ablation import add_ablation_parser  # noqa: E402
 from offline.bench.common import DEFAULT_DATA, REPO  # noqa: E402
 from offline.bench.core import bench_core  # noqa: E402
+from offline.bench.gpu import add_gpu_benchmark_parser  # noqa: E402
 from offline.bench.node import add_node_benchmark_parsers  # noqa: E402
 from offline.bench.seeds import add_seeds_parser  # noqa: E402
 
@@ -47,6 +49,7 @@ def main() -> None:
     add_ablation_parser(sub)
     add_node_benchmark_parsers(sub)
     add_seeds_parser(sub, str(DEFAULT_DATA))
+    add_gpu_benchmark_parser(sub)
     args = p.parse_args()
     args.func(args)
 

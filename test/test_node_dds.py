@@ -509,10 +509,12 @@ def test_compressed_transport_and_undecodable_images(tmp_path: Path, random_map_
 N_OVERFIT_FRAMES = 2
 
 
-def overfit_map(path: Path, frames: list, iterations: int = 600) -> Path:
+def overfit_map(path: Path, frames: list, iterations: int = 600, threads: int = 2) -> Path:
     """A D2S net trained to remember a few real frames (depth labels): it localises exactly those.
 
     Stands in for a built map where the point is the node's plumbing, not generalisation.
+    ``threads``: torch CPU threads while training (one is ten times faster than two when other
+    jobs load the two cores).
     """
     import torch
 
@@ -522,7 +524,7 @@ def overfit_map(path: Path, frames: list, iterations: int = 600) -> Path:
     from d2s_nerf_ros.models.d2s import D2SConfig, D2SNet, reliability
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     extractor = make_extractor("sift", max_keypoints=400, device="cpu")
     descriptors, targets, valids = [], [], []
     for frame in frames:
