@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import pytest
 
 from offline.node_process import LocalizerNodeProcess
+from offline.ros_client import LocalizerClient, NodeNotReady, image_fields, jpeg_fields
 
 pytestmark = pytest.mark.dds
 
@@ -58,160 +58,34 @@ class NodeProcess(LocalizerNodeProcess):
         return self.stderr_path.read_text(errors="replace")
 
 
-class Probe:
-    """The test's own ROS node (separate context): publishes camera data, records what the node sends."""
-
-    def __init__(self, image_topic: str = "/camera/image_raw", info_topic: str = "/camera/camera_info") -> None:
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from geometry_msgs.msg import PoseWithCovarianceStamped
-        from rclpy.context import Context
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-        from sensor_msgs.msg import CameraInfo, CompressedImage, Image
-        from tf2_msgs.msg import TFMessage
-
-        from d2s_nerf_ros.node import DIAGNOSTIC_NAME
-
-        self.context = Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node(f"probe_{uuid.uuid4().hex[:8]}", context=self.context)
-        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-        self.image_pub = self.node.create_publisher(Image, image_topic, reliable)
-        self.compressed_pub = self.node.create_publisher(CompressedImage, image_topic + "/compressed", reliable)
-        self.info_pub = self.node.create_publisher(CameraInfo, info_topic, reliable)
-        self.tf_pub = self.node.create_publisher(TFMessage, "/tf", QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
-        self.tf_static_pub = self.node.create_publisher(
-            TFMessage, "/tf_static",
-            QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
-        self.lock = threading.Lock()
-        self.poses: list[Any] = []
-        self.tf: list[Any] = []
-        self.diagnostics: list[tuple[int, dict[str, str], Any]] = []  # (level, values, status)
-        self.diagnostic_name = DIAGNOSTIC_NAME
-        self.node.create_subscription(PoseWithCovarianceStamped, "/localizer/pose", self._on_pose, 50)
-        self.node.create_subscription(TFMessage, "/tf", self._on_tf, QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-        self._last_stamp = 0
-
-    def _on_pose(self, msg: Any) -> None:
-        with self.lock:
-            self.poses.append(msg)
-
-    def _on_tf(self, msg: Any) -> None:
-        with self.lock:
-            self.tf.extend(msg.transforms)
-
-    def _on_diag(self, msg: Any) -> None:
-        for status in msg.status:
-            if status.name == self.diagnostic_name:
-                with self.lock:
-                    self.diagnostics.append((int.from_bytes(status.level, "little") if isinstance(status.level, bytes)
-                                             else int(status.level), {kv.key: kv.value for kv in status.values}, status))
-
-    def close(self) -> None:
-        import rclpy
-
-        self.executor.shutdown(timeout_sec=1.0)
-        self.thread.join(timeout=5)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
-
-    # --------------------------------------------------------------- waiting
-    @staticmethod
-    def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-    def latest_diag(self) -> dict[str, str] | None:
-        with self.lock:
-            return dict(self.diagnostics[-1][1]) if self.diagnostics else None
-
-    def wait_ready(self, node: NodeProcess, use_compressed: bool = False) -> None:
-        pub = self.compressed_pub if use_compressed else self.image_pub
-
-        def ready() -> bool:
-            if not node.alive():
-                raise AssertionError(f"the node exited with {node.returncode}: {node.stderr()}")
-            # Diagnostics from this very node (its map), not from one that is still shutting down.
-            with self.lock:
-                own = any(status.hardware_id == str(node.params.get("map_path")) for _, _, status in self.diagnostics)
-            return own and pub.get_subscription_count() > 0 and self.info_pub.get_subscription_count() > 0
-        self.wait_until(ready, STARTUP_TIMEOUT_S, "the node to subscribe and publish diagnostics")
-
-    def wait_counters(self, predicate: Callable[[dict[str, int]], bool], timeout: float, what: str) -> dict[str, int]:
-        def check():
-            d = self.latest_diag()
-            if d is None:
-                return None
-            counters = {k: int(v) for k, v in d.items() if k.startswith("frames_")}
-            return counters if predicate(counters) else None
-        return self.wait_until(check, timeout, what)
-
-    # --------------------------------------------------------------- sending
-    def next_stamp(self) -> int:
-        self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
-        return self._last_stamp
-
-    def stamp(self, msg: Any, stamp_ns: int, frame_id: str = CAMERA_FRAME) -> Any:
-        from d2s_nerf_ros.tf_math import ns_to_stamp_fields
-
-        ns_to_stamp_fields(stamp_ns, msg.header.stamp)
-        msg.header.frame_id = frame_id
-        return msg
-
-    def send_info(self, fields: dict[str, Any]) -> None:
-        from sensor_msgs.msg import CameraInfo
-
-        self.info_pub.publish(self.stamp(CameraInfo(**fields), self.next_stamp()))
-
-    def send_image(self, fields: dict[str, Any], compressed: bool = False, stamp_ns: int | None = None) -> int:
-        from sensor_msgs.msg import CompressedImage, Image
-
-        stamp_ns = stamp_ns or self.next_stamp()
-        msg = self.stamp((CompressedImage if compressed else Image)(**fields), stamp_ns)
-        (self.compressed_pub if compressed else self.image_pub).publish(msg)
-        return stamp_ns
-
-    def frame_result(self, fields: dict[str, Any], compressed: bool = False, attempts: int = 3) -> str:
-        """Send one image and return the node's verdict on it (diagnostics' last_frame_result).
-
-        Images are published reliably but the node subscribes best-effort (sensor data QoS),
-        so an image may be lost on a busy machine: it is re-sent with a new stamp then.
-        """
-        for _ in range(attempts):
-            stamp = self.send_image(fields, compressed)
-            try:
-                d = self.wait_until(
-                    lambda: (lambda d: d if d and d.get("last_frame_stamp_ns") == str(stamp) else None)(self.latest_diag()),
-                    FRAME_TIMEOUT_S, f"the verdict on the frame stamped {stamp}")
-                return d["last_frame_result"]
-            except AssertionError:
-                continue
-        raise AssertionError(f"the node gave no verdict on {attempts} frames in a row; last diagnostics: {self.latest_diag()}")
+def start_client(node: NodeProcess, image_qos: str = "sensor_data", compressed: bool = False) -> LocalizerClient:
+    """The project's ROS client, once ``node`` (its own map, not one still shutting down) is ready."""
+    client = LocalizerClient(image_qos=image_qos, record_tf=True, name="probe")
+    try:
+        client.wait_ready(STARTUP_TIMEOUT_S, node_alive=node.alive, hardware_id=str(node.params.get("map_path")),
+                          compressed=compressed)
+    except BaseException as exc:
+        client.close()
+        if isinstance(exc, NodeNotReady):
+            raise AssertionError(f"{exc}; node status {node.returncode}: {node.stderr()}") from exc
+        raise
+    return client
 
 
-def image_fields(rgb: np.ndarray, encoding: str = "rgb8") -> dict[str, Any]:
-    from d2s_nerf_ros.image_conversion import numpy_to_image_fields
-
-    if encoding == "bgr8":
-        rgb = np.ascontiguousarray(rgb[:, :, ::-1])
-    return numpy_to_image_fields(rgb, encoding)
+def latest_values(probe: LocalizerClient) -> dict[str, str] | None:
+    record = probe.latest_diagnostics()
+    return None if record is None else dict(record.values)
 
 
-def jpeg_fields(rgb: np.ndarray) -> dict[str, Any]:
-    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    assert ok
-    return {"format": "rgb8; jpeg compressed bgr8", "data": jpeg.tobytes()}
+def wait_counters(probe: LocalizerClient, predicate: Callable[[dict[str, int]], bool], timeout: float,
+                  what: str) -> dict[str, int]:
+    def check():
+        d = latest_values(probe)
+        if d is None:
+            return None
+        counters = {k: int(v) for k, v in d.items() if k.startswith("frames_")}
+        return counters if predicate(counters) else None
+    return probe.wait_until(check, timeout, what)
 
 
 # The bad-input nodes use the default sensor-data (best-effort) QoS; with Fast DDS's default
@@ -337,8 +211,7 @@ def raw_node(tmp_path_factory, random_map_path: Path):
                                  "device": "cpu"})
     probe = None
     try:
-        probe = Probe()
-        probe.wait_ready(node)
+        probe = start_client(node)
         yield node, probe
         assert node.alive(), f"the node died: {node.stderr()}"
     finally:
@@ -352,7 +225,7 @@ def raw_node(tmp_path_factory, random_map_path: Path):
 GOOD_RGB = textured_image(W, H)
 
 
-def assert_next_good_frame_goes_through(probe: Probe) -> None:
+def assert_next_good_frame_goes_through(probe: LocalizerClient) -> None:
     probe.send_info(info_fields())
     time.sleep(0.2)  # the node uses the newest CameraInfo; let it land before the image
     result = probe.frame_result(image_fields(GOOD_RGB))
@@ -367,14 +240,13 @@ class TestBadRawInput:
 
     def test_image_before_any_camera_info_is_reported(self, raw_node):
         node, probe = raw_node
-        before = probe.wait_counters(lambda c: True, 10, "diagnostics")
+        before = wait_counters(probe, lambda c: True, 10, "diagnostics")
         result = probe.frame_result(image_fields(GOOD_RGB))
         assert result.startswith("no CameraInfo received on /camera/camera_info"), result
-        after = probe.wait_counters(lambda c: c["frames_failed"] > before["frames_failed"], 10, "the failure counted")
+        after = wait_counters(probe, lambda c: c["frames_failed"] > before["frames_failed"], 10, "the failure counted")
         assert after["frames_localized"] == before["frames_localized"]
-        assert probe.latest_diag()["last_failure_reason"] == result
-        with probe.lock:
-            assert probe.diagnostics[-1][0] in (1, 2)  # WARN or ERROR, not OK
+        assert latest_values(probe)["last_failure_reason"] == result
+        assert probe.latest_diagnostics().level in (1, 2)  # WARN or ERROR, not OK
         assert_next_good_frame_goes_through(probe)
 
 
@@ -437,15 +309,15 @@ class TestBadRawInput:
         node, probe = raw_node
         probe.send_info(info_fields())
         assert went_through_localizer(probe.frame_result(image_fields(GOOD_RGB)))
-        before = probe.wait_counters(lambda c: True, 10, "diagnostics")
+        before = wait_counters(probe, lambda c: True, 10, "diagnostics")
         fields = image_fields(GOOD_RGB)
         t0 = time.monotonic()
         for _ in range(200):
             probe.send_image(fields)
         burst_s = time.monotonic() - t0
         # Settled: everything the node received is either processed or counted as dropped.
-        after = probe.wait_counters(
-            lambda c: c["frames_received"] > before["frames_received"]
+        after = wait_counters(
+            probe, lambda c: c["frames_received"] > before["frames_received"]
             and c["frames_processed"] - before["frames_processed"] + c["frames_dropped"] - before["frames_dropped"]
             == c["frames_received"] - before["frames_received"],
             60, "the burst to settle")
@@ -464,16 +336,15 @@ class TestBadRawInput:
 
     def test_diagnostics_report_rates_latency_and_reasons(self, raw_node, random_map_path: Path):
         node, probe = raw_node
-        d = probe.wait_until(probe.latest_diag, 10, "diagnostics")
+        d = probe.wait_until(lambda: latest_values(probe), 10, "diagnostics")
         for key in ("rate_hz", "latency_ms_p50", "processing_ms_p50", "inliers", "frames_dropped", "last_failure_reason",
                     "consecutive_failures", "device"):
             assert key in d, key
         assert d["device"] == "cpu"
         assert float(d["processing_ms_p50"]) > 0
         # A random map never localises: every frame failed, so the status cannot be OK.
-        with probe.lock:
-            level, values, status = probe.diagnostics[-1]
-        assert level in (1, 2) and values["frames_localized"] == "0"
+        status = probe.latest_diagnostics()
+        assert status.level in (1, 2) and status.values["frames_localized"] == "0"
         assert status.hardware_id == str(random_map_path)
 
 
@@ -485,8 +356,7 @@ def test_compressed_transport_and_undecodable_images(tmp_path: Path, random_map_
                                   "ransac_iterations": 200, "device": "cpu"})
     probe = None
     try:
-        probe = Probe()
-        probe.wait_ready(node, use_compressed=True)
+        probe = start_client(node, compressed=True)
         probe.send_info(info_fields())
         time.sleep(0.2)
         assert went_through_localizer(probe.frame_result(jpeg_fields(GOOD_RGB), compressed=True))
@@ -579,23 +449,18 @@ def overfit_map_path(tmp_path_factory, redkitchen_frames: list) -> Path:
     return path
 
 
-def start_node_with_probe(log_dir: Path, params: dict[str, Any], use_compressed: bool = False) -> tuple[NodeProcess, Probe]:
+def start_node_with_probe(log_dir: Path, params: dict[str, Any], use_compressed: bool = False
+                          ) -> tuple[NodeProcess, LocalizerClient]:
     node = NodeProcess(log_dir, params)
     try:
-        probe = Probe()
+        probe = start_client(node, params.get("image_qos", "sensor_data"), compressed=use_compressed)
     except BaseException:
-        node.stop()
-        raise
-    try:
-        probe.wait_ready(node, use_compressed=use_compressed)
-    except BaseException:
-        probe.close()
         node.stop()
         raise
     return node, probe
 
 
-def stop_node_and_probe(node: NodeProcess, probe: Probe) -> int | None:
+def stop_node_and_probe(node: NodeProcess, probe: LocalizerClient) -> int | None:
     try:
         probe.close()
     finally:
@@ -609,21 +474,15 @@ def localising_params(map_path: Path, **extra: Any) -> dict[str, Any]:
     return {"map_path": str(map_path), "device": "cpu", "image_qos": "reliable", "max_keypoints": 400, **extra}
 
 
-def wait_pose(probe: Probe, stamp_ns: int, timeout: float = FRAME_TIMEOUT_S) -> Any:
+def wait_pose(probe: LocalizerClient, stamp_ns: int, timeout: float = FRAME_TIMEOUT_S) -> Any:
+    return probe.wait_until(lambda: probe.pose(stamp_ns), timeout, f"a pose stamped {stamp_ns}").msg
+
+
+def wait_tf(probe: LocalizerClient, child: str, stamp_ns: int, timeout: float = FRAME_TIMEOUT_S) -> Any:
     from d2s_nerf_ros.tf_math import stamp_to_ns
 
     def find():
-        with probe.lock:
-            return next((p for p in probe.poses if stamp_to_ns(p.header.stamp) == stamp_ns), None)
-    return probe.wait_until(find, timeout, f"a pose stamped {stamp_ns}")
-
-
-def wait_tf(probe: Probe, child: str, stamp_ns: int, timeout: float = FRAME_TIMEOUT_S) -> Any:
-    from d2s_nerf_ros.tf_math import stamp_to_ns
-
-    def find():
-        with probe.lock:
-            return next((t for t in probe.tf if t.child_frame_id == child and stamp_to_ns(t.header.stamp) == stamp_ns), None)
+        return next((t for t in probe.transforms if t.child_frame_id == child and stamp_to_ns(t.header.stamp) == stamp_ns), None)
     return probe.wait_until(find, timeout, f"a TF to {child} stamped {stamp_ns}")
 
 
@@ -657,10 +516,10 @@ def test_pose_tf_and_diagnostics_with_a_map_that_localizes(tmp_path: Path, overf
             assert tf.header.frame_id == "map"
             np.testing.assert_allclose(transform_from_msg(tf.transform), T, atol=1e-9)
         assert not np.allclose(covariances[0], covariances[1]), "the covariance must come from each solution"
-        d = probe.wait_counters(lambda c: c["frames_localized"] >= len(redkitchen_frames), 10, "localized frames counted")
-        with probe.lock:
-            level, values, status = probe.diagnostics[-1]
-        assert level == 0, status.message  # OK
+        d = wait_counters(probe, lambda c: c["frames_localized"] >= len(redkitchen_frames), 10, "localized frames counted")
+        status = probe.latest_diagnostics()
+        assert status.level == 0, status.message  # OK
+        values = status.values
         assert int(values["inliers"]) >= 15 and float(values["latency_ms_p50"]) > 0
         assert d["frames_failed"] == 0
     finally:
@@ -717,8 +576,7 @@ def test_map_to_odom_follows_rep105_with_the_robot_base(tmp_path: Path, overfit_
         bad = probe.send_image({"height": 480, "width": 640, "encoding": "rgb8", "step": 1920, "data": b"\x00" * 10})
         tf_again = wait_tf(probe, "odom", bad + 100_000_000)
         np.testing.assert_allclose(transform_from_msg(tf_again.transform), T_sent, atol=1e-12)
-        with probe.lock:
-            assert not any(p.header.stamp.sec * 10**9 + p.header.stamp.nanosec == bad for p in probe.poses)
+        assert probe.pose(bad) is None
     finally:
         rc = stop_node_and_probe(node, probe)
     assert rc == 0
@@ -732,7 +590,8 @@ def test_replay_tool_scores_the_node(tmp_path: Path, overfit_map_path: Path, red
     node, probe = start_node_with_probe(tmp_path, params, use_compressed=compressed)
     try:
         out = tmp_path / "replay"
-        result = replay(redkitchen_frames * 2, out, rate_hz=2.0, compressed=compressed, timeout_s=30.0)
+        result = replay(redkitchen_frames * 2, out, rate_hz=2.0, compressed=compressed, timeout_s=30.0,
+                        image_qos="reliable")
         assert node.alive()
     finally:
         rc = stop_node_and_probe(node, probe)
@@ -827,7 +686,7 @@ def test_held_out_frames_localize_through_the_node(tmp_path: Path, built_redkitc
     node, probe = start_node_with_probe(tmp_path, {"map_path": str(built_redkitchen_map), "device": "cpu",
                                                    "image_qos": "reliable"})
     try:
-        result = replay(queries, tmp_path / "replay", rate_hz=0.5, timeout_s=60.0)
+        result = replay(queries, tmp_path / "replay", rate_hz=0.5, timeout_s=60.0, image_qos="reliable")
     finally:
         rc = stop_node_and_probe(node, probe)
     print(json.dumps({k: v for k, v in result.items() if k != "frames"}, indent=1))
