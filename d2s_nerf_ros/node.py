@@ -13,11 +13,13 @@ Topics (node name ``localizer``; relative names resolve in the node's namespace)
     out  /diagnostics                 diagnostic_msgs/DiagnosticArray, once a second
 
 Behaviour
-- Images use sensor-data QoS (best effort) unless ``image_qos: reliable``. With Fast DDS's
-  default transports a best-effort reader never receives a sample larger than the
-  shared-memory segment (512 KiB; a raw 640x480 rgb8 image is 900 KiB): use compressed
-  images, ``image_qos: reliable``, or give the camera driver a Fast DDS profile with a
-  larger ``segment_size``.
+- Images use sensor-data QoS (best effort, as camera drivers publish) unless
+  ``image_qos: reliable``. With Fast DDS's default transports a raw image larger than the
+  shared-memory segment (about 0.5 MB; a raw 640x480 rgb8 image is 900 KiB) rarely arrives:
+  export ``FASTDDS_DEFAULT_PROFILES_FILE=<share>/config/fastdds_shm_large.xml`` for the camera
+  driver (the publisher's segment decides) and the node; the launch file does it for the node.
+  Diagnostics compare the image rate with the CameraInfo rate and WARN, naming this fix, when
+  images arrive at less than half the CameraInfo rate.
 - Only the newest frame is processed: the image callback parks the message in a one-slot
   mailbox; a worker thread takes it. A frame replaced before the worker took it is counted
   as dropped, so a slow frame never builds a backlog.
@@ -87,6 +89,14 @@ STATS_WINDOW_S = 10.0       # rates and latency percentiles in diagnostics cover
 IMAGE_TIMEOUT_S = 5.0       # diagnostics WARN when no image arrived for this long
 ERROR_AFTER_FAILURES = 10   # diagnostics ERROR after this many failed frames in a row
 CAMERA_INFO_WAIT_S = 0.2    # how long an image waits for the first CameraInfo
+# Diagnostics WARN (frames lost in transport) when images arrive at less than this share of the
+# CameraInfo rate: a driver sends one CameraInfo per image, and the small CameraInfo still
+# arrives when a large raw image does not fit the DDS transport.
+IMAGE_LOSS_RATIO = 0.5
+MIN_CAMERA_INFO_FOR_LOSS = 3  # CameraInfo messages in the window before frame loss is judged
+FASTDDS_PROFILE_HINT = ("export FASTDDS_DEFAULT_PROFILES_FILE=<d2s_nerf_ros share>/config/fastdds_shm_large.xml "
+                        "for the camera driver too (its shared-memory segment holds raw frames), "
+                        "or use compressed images")
 
 
 # --------------------------------------------------------------------------- parameters
@@ -103,9 +113,9 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("image_topic", "/camera/image_raw", "sensor_msgs/Image topic of the camera (rectified or not: distortion comes from CameraInfo)."),
     ParameterSpec("camera_info_topic", "/camera/camera_info", "sensor_msgs/CameraInfo topic matching the images."),
     ParameterSpec("use_compressed", False, "Subscribe sensor_msgs/CompressedImage on <image_topic>/compressed instead of raw images."),
-    ParameterSpec("image_qos", "sensor_data", "QoS of the image subscription: sensor_data (best effort, accepts any publisher) or reliable "
-                  "(needs a reliable publisher; use it for raw images over ~0.5 MB with Fast DDS's default shared-memory segment, "
-                  "which a best-effort reader never receives whole)."),
+    ParameterSpec("image_qos", "sensor_data", "QoS of the image subscription: sensor_data (best effort, accepts any publisher, "
+                  "as camera drivers publish) or reliable (needs a reliable publisher). Raw frames over ~0.5 MB need the Fast DDS "
+                  "profile config/fastdds_shm_large.xml exported (FASTDDS_DEFAULT_PROFILES_FILE) for the camera driver and the node."),
     ParameterSpec("device", "auto", "auto | cuda | cpu. auto takes CUDA when present, else the CPU; cuda without a GPU is a start-up error."),
     ParameterSpec("max_keypoints", 1024, "Keypoints extracted per image (>= 4)."),
     ParameterSpec("reliability_threshold", 0.5, "Keypoints whose D2S reliability is below this are not used for PnP, in [0, 1]."),
@@ -298,6 +308,9 @@ class _Stats:
     dropped: int = 0
     consecutive_failures: int = 0
     last_received_mono: float | None = None
+    # monotonic arrival times of images and CameraInfo messages (the rate window)
+    image_arrivals: deque = field(default_factory=deque)
+    camera_info_arrivals: deque = field(default_factory=deque)
     last_frame_stamp_ns: int | None = None
     last_frame_result: str = ""
     last_failure_reason: str = ""
@@ -489,10 +502,13 @@ class LocalizerNode(Node):
         with self._stats_lock:
             self._stats.received += 1
             self._stats.last_received_mono = now
+            self._stats.image_arrivals.append(now)
             if replaced:
                 self._stats.dropped += 1
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
+        with self._stats_lock:
+            self._stats.camera_info_arrivals.append(time.monotonic())
         self._camera_info = msg  # checked per frame, so a bad one is reported on the frames it ruins
         self._first_camera_info.set()
 
@@ -658,7 +674,12 @@ class LocalizerNode(Node):
             st = self._stats
             while st.window and st.window[0][0] < now - STATS_WINDOW_S:
                 st.window.popleft()
+            for arrivals in (st.image_arrivals, st.camera_info_arrivals):
+                while arrivals and arrivals[0] < now - STATS_WINDOW_S:
+                    arrivals.popleft()
             window = list(st.window)
+            n_images, n_infos = len(st.image_arrivals), len(st.camera_info_arrivals)
+            first_arrival = min([q[0] for q in (st.image_arrivals, st.camera_info_arrivals) if q], default=now)
             snapshot = dict(
                 received=st.received, processed=st.processed, localized=st.localized, failed=st.failed,
                 dropped=st.dropped, consecutive=st.consecutive_failures, last_rx=st.last_received_mono,
@@ -673,8 +694,17 @@ class LocalizerNode(Node):
                 return "nan"
             return f"{values[min(len(values) - 1, int(round(q * (len(values) - 1))))]:.1f}"
 
+        arrival_span = min(STATS_WINDOW_S, max(now - first_arrival, 1.0))
+        image_rate, camera_info_rate = n_images / arrival_span, n_infos / arrival_span
+        frame_loss = ""
+        if n_infos >= MIN_CAMERA_INFO_FOR_LOSS and image_rate < IMAGE_LOSS_RATIO * camera_info_rate:
+            frame_loss = (f"images arrive at {image_rate:.1f} Hz but CameraInfo at {camera_info_rate:.1f} Hz: "
+                          f"frames are lost in transport; {FASTDDS_PROFILE_HINT}")
+
         status = DiagnosticStatus(name=DIAGNOSTIC_NAME, hardware_id=self.settings.map_path if self.settings else "")
-        if snapshot["received"] == 0:
+        if frame_loss:  # first: every other symptom (stale images, failed frames) follows from it
+            status.level, status.message = DiagnosticStatus.WARN, frame_loss
+        elif snapshot["received"] == 0:
             status.level, status.message = DiagnosticStatus.WARN, f"waiting for images on {self._image_topic}"
         elif snapshot["last_rx"] is not None and now - snapshot["last_rx"] > IMAGE_TIMEOUT_S:
             status.level, status.message = DiagnosticStatus.WARN, f"no image for {now - snapshot['last_rx']:.0f} s"
@@ -695,6 +725,8 @@ class LocalizerNode(Node):
             "frames_dropped": snapshot["dropped"],
             "consecutive_failures": snapshot["consecutive"],
             "rate_hz": f"{len(window) / span:.2f}",
+            "image_rate_hz": f"{image_rate:.2f}",
+            "camera_info_rate_hz": f"{camera_info_rate:.2f}",
             "localized_rate_hz": f"{sum(1 for w in window if w[1]) / span:.2f}",
             "latency_ms_p50": pct(latencies, 0.5),
             "latency_ms_p90": pct(latencies, 0.9),

@@ -338,7 +338,7 @@ class TestBadRawInput:
         node, probe = raw_node
         d = probe.wait_until(lambda: latest_values(probe), 10, "diagnostics")
         for key in ("rate_hz", "latency_ms_p50", "processing_ms_p50", "inliers", "frames_dropped", "last_failure_reason",
-                    "consecutive_failures", "device"):
+                    "consecutive_failures", "device", "image_rate_hz", "camera_info_rate_hz"):
             assert key in d, key
         assert d["device"] == "cpu"
         assert float(d["processing_ms_p50"]) > 0
@@ -346,6 +346,26 @@ class TestBadRawInput:
         status = probe.latest_diagnostics()
         assert status.level in (1, 2) and status.values["frames_localized"] == "0"
         assert status.hardware_id == str(random_map_path)
+
+    def test_images_lost_in_transport_are_reported_with_the_fix(self, raw_node):
+        """CameraInfo keeps arriving, images do not: what the node sees when a driver's raw frames do
+        not fit the DDS transport. Diagnostics WARN, compare the two rates and name the fix."""
+        node, probe = raw_node
+        deadline = time.monotonic() + 30.0
+        record = None
+        while time.monotonic() < deadline:
+            probe.send_info(info_fields())
+            time.sleep(0.1)
+            latest = probe.latest_diagnostics()
+            if latest is not None and "lost in transport" in latest.message:
+                record = latest
+                break
+        assert record is not None, f"no frame-loss warning; last diagnostics: {probe.latest_diagnostics()}"
+        assert record.level == 1, record  # WARN
+        assert "FASTDDS_DEFAULT_PROFILES_FILE" in record.message and "camera driver" in record.message
+        assert float(record.values["camera_info_rate_hz"]) > 2 * float(record.values["image_rate_hz"])
+        # Frames arriving again clear it: every frame goes through, and the status is about frames again.
+        assert_next_good_frame_goes_through(probe)
 
 
 # ----------------------------------------------------------------------------- bad input, compressed images
@@ -607,6 +627,26 @@ def test_replay_tool_scores_the_node(tmp_path: Path, overfit_map_path: Path, red
     assert result["dropped"] is not None and result["dropped"] >= 0
     assert result["n_received_by_node"] == n
     assert result["topics"]["image"] == ("/camera/image_raw/compressed" if compressed else "/camera/image_raw")
+
+
+def test_readme_example_raw_frames_best_effort_at_1hz(tmp_path: Path, overfit_map_path: Path, redkitchen_frames: list):
+    """The README's example: the node with its default transport settings (image_qos sensor_data,
+    best effort), then ``d2s-nerf replay --rate 1`` sending raw 640x480 rgb8 frames best effort, as a
+    camera driver does. Both sides have the package's Fast DDS profile (the replay command, the launch
+    file and ``LocalizerNodeProcess`` export it); without it most such frames never arrive."""
+    from offline.replay import replay
+
+    assert os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE", "").endswith("fastdds_shm_large.xml")
+    node, probe = start_node_with_probe(tmp_path, {"map_path": str(overfit_map_path), "device": "cpu"})
+    try:
+        result = replay(redkitchen_frames * 5, tmp_path / "replay", rate_hz=1.0, timeout_s=30.0)
+    finally:
+        rc = stop_node_and_probe(node, probe)
+    assert rc == 0
+    assert result["image_qos"] == "sensor_data"
+    print({k: v for k, v in result.items() if k != "frames"})
+    assert result["n_poses"] >= 0.9 * result["n_sent"], result
+    assert result["median_translation_m"] < 0.10
 
 
 def test_replay_without_a_node_says_so(tmp_path: Path, redkitchen_frames: list):
