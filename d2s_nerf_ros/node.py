@@ -7,9 +7,10 @@ Topics (node name ``localizer``; relative names resolve in the node's namespace)
     in   <image_topic>                sensor_msgs/Image (mono8, mono16, rgb8, bgr8, rgba8, bgra8)
     in   <image_topic>/compressed     sensor_msgs/CompressedImage, instead, when use_compressed
     in   <camera_info_topic>          sensor_msgs/CameraInfo (plumb_bob, rational_polynomial, equidistant)
-    in   /tf, /tf_static              only when odom_frame or base_frame is set
+    in   /tf, /tf_static              when odom_frame or base_frame is set, or TF is published without odom
     out  ~/pose                       geometry_msgs/PoseWithCovarianceStamped in map_frame, image stamp
-    out  /tf                          map_frame -> odom_frame | base_frame | the image's frame_id
+    out  /tf                          map_frame -> odom_frame (REP-105); map_frame -> base_frame | the image's
+                                      frame_id only with odom_frame "" and allow_tf_without_odom
     out  /diagnostics                 diagnostic_msgs/DiagnosticArray, once a second
 
 Behaviour
@@ -26,12 +27,19 @@ Behaviour
 - A frame that cannot be used (bad encoding, size mismatch, no or invalid CameraInfo, no
   localisation) publishes no pose, is counted and named in diagnostics, and logs a warning
   at most every 5 s per kind of problem. Nothing a frame contains stops the node.
-- Pose: the camera optical frame (the image's frame_id), or ``base_frame`` when set (then
-  camera -> base_frame comes from TF and the covariance is carried over to the base).
-- TF (REP-105): odom_frame empty -> map_frame -> base_frame (or the camera frame);
-  odom_frame set -> map_frame -> odom_frame = T_map_cam * inv(T_odom_cam), odom -> camera
-  looked up at the image stamp. Stamped image time + transform_tolerance, like AMCL; when a
-  frame fails, the last map -> odom is re-sent with the new stamp so TF users never stall.
+- Pose: ``base_frame`` (default base_link; camera -> base_frame from TF, the covariance
+  carried over to the base), or the camera optical frame (the image's frame_id) when empty.
+- TF (REP-105, default odom_frame odom): map -> odom = T_map_cam * inv(T_odom_cam), odom ->
+  camera looked up at the image stamp. Sent when a frame is accepted and re-sent by a timer at
+  ``tf_publish_rate`` (20 Hz), always stamped send time + ``transform_tolerance`` (1 s: the
+  estimate holds until then; it covers the ~0.9 s CPU end-to-end latency), as rtabmap does.
+  odom_frame "" publishes no TF unless ``allow_tf_without_odom``: then map -> base_frame (or the
+  camera frame), stamped image time + tolerance, refused (log line once, ERROR diagnostic) while
+  that frame has another parent on /tf or /tf_static.
+- Odometry gate (``pose_gate.OdometryGate``, when odom -> camera is on TF): nothing is published
+  before ``min_consistent_frames`` frames agree through odometry; afterwards a pose further than
+  ``max_jump_translation_m`` / ``max_jump_rotation_deg`` from the odometry prediction is
+  rejected (named in diagnostics); as many frames in a row that agree with each other re-lock.
 - Start-up faults (missing/corrupted/incompatible map, invalid parameter values, device
   ``cuda`` without a GPU) print one line ``[localizer] error: ...`` on stderr and exit with
   status 1. ``device: auto`` is the fallback mode: CUDA when present, else the CPU.
@@ -61,6 +69,7 @@ from tf2_msgs.msg import TFMessage
 
 from d2s_nerf_ros.camera import CameraIntrinsics
 from d2s_nerf_ros.errors import FrameRejected
+from d2s_nerf_ros.pose_gate import OdometryGate
 from d2s_nerf_ros.image_conversion import (
     ImageConversionError,
     UnsupportedEncoding,
@@ -123,11 +132,24 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("ransac_iterations", 10000, "Maximum PnP-RANSAC iterations (> 0)."),
     ParameterSpec("min_inliers", 15, "A pose needs at least this many PnP inliers (>= 4)."),
     ParameterSpec("map_frame", "map", "Frame of the map (REP-105); the pose and TF are expressed in it."),
-    ParameterSpec("odom_frame", "", "Odometry frame. Empty: publish map -> camera (or base_frame). Set: publish map -> odom using odom -> camera from TF."),
-    ParameterSpec("base_frame", "", "Robot base frame. Empty: the pose is the camera's (the image frame_id). Set: pose and TF are of this frame, camera -> base from TF."),
-    ParameterSpec("publish_tf", True, "Publish the localisation on /tf."),
-    ParameterSpec("transform_tolerance", 0.1, "Seconds added to the image stamp of the published TF, like AMCL (>= 0)."),
+    ParameterSpec("odom_frame", "odom", "Odometry frame (REP-105): the node publishes map -> odom = T_map_cam * inv(T_odom_cam), "
+                  "odom -> camera looked up on TF at the image stamp. Empty: no odometry; no TF unless allow_tf_without_odom."),
+    ParameterSpec("base_frame", "base_link", "Robot base frame: ~/pose is of this frame (camera -> base from TF). "
+                  "Empty: ~/pose is the camera's (the image frame_id)."),
+    ParameterSpec("publish_tf", True, "Publish the localisation on /tf (map -> odom_frame)."),
+    ParameterSpec("allow_tf_without_odom", False, "With odom_frame empty: publish map -> base_frame (or the camera frame) instead. "
+                  "Refused (ERROR diagnostic) while that frame has another parent on /tf or /tf_static: a frame has one parent."),
+    ParameterSpec("tf_publish_rate", 20.0, "Hz at which the last map -> odom is re-sent, stamped now + transform_tolerance, "
+                  "so TF users never wait for the next frame (0: only when a frame is accepted)."),
+    ParameterSpec("transform_tolerance", 1.0, "Seconds added to the stamp of published TF: map -> odom is stamped send time + this "
+                  "(it is valid until then); the CPU end-to-end latency is ~0.9 s, so consumers looking up at a sensor's stamp "
+                  "never extrapolate (>= 0). map -> base/camera (allow_tf_without_odom) is stamped image time + this."),
     ParameterSpec("transform_timeout", 0.1, "Seconds to wait for odom/base -> camera transforms at the image stamp (>= 0)."),
+    ParameterSpec("max_jump_translation_m", 0.5, "With odometry: a pose further than this from the one odometry predicts "
+                  "(last map -> odom and odom -> camera at the image stamp) is rejected (> 0)."),
+    ParameterSpec("max_jump_rotation_deg", 10.0, "With odometry: the same limit for the rotation, degrees (> 0)."),
+    ParameterSpec("min_consistent_frames", 2, "With odometry: agreeing frames in a row needed before the first pose is published, "
+                  "and to re-lock after frames keep disagreeing with the last estimate (1: no gate)."),
 )
 PARAMETER_DEFAULTS = {p.name: p.default for p in PARAMETERS}
 IMAGE_QOS_CHOICES = ("sensor_data", "reliable")
@@ -150,8 +172,13 @@ class NodeSettings:
     odom_frame: str
     base_frame: str
     publish_tf: bool
+    allow_tf_without_odom: bool
+    tf_publish_rate: float
     transform_tolerance: float
     transform_timeout: float
+    max_jump_translation_m: float
+    max_jump_rotation_deg: float
+    min_consistent_frames: int
 
 
 def settings_from_values(values: dict[str, Any]) -> NodeSettings:
@@ -221,8 +248,13 @@ def settings_from_values(values: dict[str, Any]) -> NodeSettings:
         odom_frame=frames["odom_frame"],
         base_frame=frames["base_frame"],
         publish_tf=flag("publish_tf"),
+        allow_tf_without_odom=flag("allow_tf_without_odom"),
+        tf_publish_rate=number("tf_publish_rate", 0.0, 1000.0),
         transform_tolerance=number("transform_tolerance", 0.0),
         transform_timeout=number("transform_timeout", 0.0),
+        max_jump_translation_m=number("max_jump_translation_m", 0.0, low_open=True),
+        max_jump_rotation_deg=number("max_jump_rotation_deg", 0.0, 180.0, low_open=True),
+        min_consistent_frames=integer("min_consistent_frames", 1),
     )
 
 
@@ -318,6 +350,7 @@ class _Stats:
     last_keypoints: int = 0
     last_reliable: int = 0
     tf_problem: str = ""
+    tf_refused: str = ""   # an opt-in map -> child TF refused because child has another parent
     # (monotonic time, success, end-to-end latency ms, processing ms)
     window: deque = field(default_factory=deque)
 
@@ -397,6 +430,8 @@ class LocalizerNode(Node):
         self._camera_cache: tuple[Any, CameraIntrinsics | FrameRejected] | None = None
         self._last_warned: dict[str, float] = {}
         self._last_map_odom: np.ndarray | None = None
+        self._gate: OdometryGate | None = None
+        self._foreign_parents: dict[str, str] = {}  # child -> parent, from others' /tf and /tf_static
         self._tf: _TfLookup | None = None
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
@@ -417,6 +452,15 @@ class LocalizerNode(Node):
         self._localizer = self._load_localizer(s)
 
         self._tf = _TfLookup(self) if (s.odom_frame or s.base_frame) else None
+        if s.odom_frame:
+            self._gate = OdometryGate(s.max_jump_translation_m, s.max_jump_rotation_deg, s.min_consistent_frames)
+        if s.publish_tf and not s.odom_frame and s.allow_tf_without_odom:
+            # A frame has one parent: watch who else publishes, and refuse map -> child if someone parents it.
+            tf_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+            static_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST,
+                                    durability=DurabilityPolicy.TRANSIENT_LOCAL)
+            self.create_subscription(TFMessage, "/tf", self._watch_parents, tf_qos)
+            self.create_subscription(TFMessage, "/tf_static", self._watch_parents, static_qos)
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, "~/pose", 10)
         self._tf_pub = self.create_publisher(TFMessage, "/tf", QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -430,6 +474,8 @@ class LocalizerNode(Node):
             self.create_subscription(Image, self._image_topic, lambda m: self._on_image(m, False), image_qos)
         self.create_subscription(CameraInfo, s.camera_info_topic, self._on_camera_info, qos_profile_sensor_data)
         self.create_timer(1.0, self._publish_diagnostics)
+        if s.publish_tf and s.odom_frame and s.tf_publish_rate > 0:
+            self.create_timer(1.0 / s.tf_publish_rate, self._republish_map_odom)
         self.add_on_set_parameters_callback(self._refuse_parameter_changes)
 
         self._worker = threading.Thread(target=self._work, name="localizer-worker", daemon=True)
@@ -438,7 +484,11 @@ class LocalizerNode(Node):
             f"ready: map {s.map_path} on {self.device_name}; images {self._image_topic} "
             f"({converter_backend()} converter), camera info {s.camera_info_topic}; "
             f"pose {self.resolve_topic_name('~/pose')} in {s.map_frame}"
-            + (f"; TF {s.map_frame} -> {s.odom_frame or s.base_frame or '<image frame_id>'}" if s.publish_tf else "")
+            + (f"; TF {s.map_frame} -> {s.odom_frame} at {s.tf_publish_rate:g} Hz" if s.publish_tf and s.odom_frame else "")
+            + (f"; TF {s.map_frame} -> {s.base_frame or '<image frame_id>'} (allow_tf_without_odom)"
+               if s.publish_tf and not s.odom_frame and s.allow_tf_without_odom else "")
+            + ("; no TF (odom_frame empty; allow_tf_without_odom:=true publishes map -> base)"
+               if s.publish_tf and not s.odom_frame and not s.allow_tf_without_odom else "")
             + (f"; TF lookups via {self._tf.backend}" if self._tf else ""))
 
     def _read_parameters(self) -> NodeSettings:
@@ -588,6 +638,14 @@ class LocalizerNode(Node):
             if covariance is not None:
                 covariance = covariance_of_offset_pose(covariance, T_map_cam, T_cam_base)
 
+        T_odom_cam, odom_problem = self._odometry(camera_frame, stamp_ns)
+        if self._gate is not None and T_odom_cam is not None:
+            decision = self._gate.check(T_map_cam, T_odom_cam)
+            if not decision.accepted:
+                raise FrameRejected(f"rejected: {decision.reason}")
+            if decision.reason.startswith("re-locked"):
+                self._warn("relock", f"localisation {decision.reason} that disagreed with the previous map -> {s.odom_frame}")
+
         pose = PoseWithCovarianceStamped()
         pose.header.stamp = header.stamp
         pose.header.frame_id = s.map_frame
@@ -595,7 +653,9 @@ class LocalizerNode(Node):
         if covariance is not None and np.all(np.isfinite(covariance)):
             pose.pose.covariance = covariance_to_msg_list(covariance)
         self._pose_pub.publish(pose)
-        tf_problem = self._publish_tf(camera_frame, target_frame, T_map_cam, T_map_target, stamp_ns) if s.publish_tf else ""
+        tf_problem = ""
+        if s.publish_tf:
+            tf_problem = self._publish_tf(target_frame, T_map_cam, T_odom_cam, odom_problem, T_map_target, stamp_ns)
 
         latency_ms = (self.get_clock().now().nanoseconds - stamp_ns) * 1e-6
         processing_ms = (time.monotonic_ns() - pending.received_ns) * 1e-6
@@ -612,26 +672,59 @@ class LocalizerNode(Node):
         if tf_problem:
             self._warn("tf", f"pose published but no TF: {tf_problem}")
 
-    def _publish_tf(self, camera_frame: str, target_frame: str, T_map_cam: np.ndarray, T_map_target: np.ndarray,
-                    stamp_ns: int) -> str:
+    def _odometry(self, camera_frame: str, stamp_ns: int) -> tuple[np.ndarray | None, str]:
+        """``T_odom_cam`` at the image stamp (None without odom_frame or TF), and the problem if any."""
+        s = self.settings
+        if not s.odom_frame:
+            return None, ""
+        if not camera_frame:
+            return None, "image has no frame_id, so odom -> camera cannot be looked up"
+        try:
+            return self._tf.lookup(s.odom_frame, camera_frame, stamp_ns, s.transform_timeout), ""
+        except TransformLookupError as exc:
+            return None, f"no transform {s.odom_frame} -> {camera_frame} at the image stamp: {exc}"
+
+    def _publish_tf(self, target_frame: str, T_map_cam: np.ndarray, T_odom_cam: np.ndarray | None, odom_problem: str,
+                    T_map_target: np.ndarray, stamp_ns: int) -> str:
         """Send the TF for this frame; returns a problem description or ''."""
         s = self.settings
         if s.odom_frame:
-            if not camera_frame:
-                return "image has no frame_id, so odom -> camera cannot be looked up"
-            try:
-                T_odom_cam = self._tf.lookup(s.odom_frame, camera_frame, stamp_ns, s.transform_timeout)
-            except TransformLookupError as exc:
-                return f"no transform {s.odom_frame} -> {camera_frame} at the image stamp: {exc}"
+            if T_odom_cam is None:
+                return odom_problem
             self._last_map_odom = map_to_odom(T_map_cam, T_odom_cam)
-            self._send_tf(s.odom_frame, self._last_map_odom, stamp_ns)
+            self._send_tf(s.odom_frame, self._last_map_odom, self.get_clock().now().nanoseconds)
+            return ""
+        if not s.allow_tf_without_odom:
             return ""
         if not target_frame:
             return "image has no frame_id to attach the camera pose to"
+        parent = self._foreign_parents.get(target_frame)
+        if parent is not None:
+            refusal = (f"refusing to publish {s.map_frame} -> {target_frame}: {target_frame} already has the parent {parent} "
+                       f"on /tf or /tf_static, and a frame has one parent; set odom_frame (REP-105: map -> odom)")
+            with self._stats_lock:
+                first = not self._stats.tf_refused
+                self._stats.tf_refused = refusal
+            if first:
+                self.get_logger().error(refusal)
+            return refusal
         self._send_tf(target_frame, T_map_target, stamp_ns)
         return ""
 
+    def _watch_parents(self, msg: TFMessage) -> None:
+        for t in msg.transforms:
+            parent, child = t.header.frame_id.lstrip("/"), t.child_frame_id.lstrip("/")
+            if parent != self.settings.map_frame:
+                self._foreign_parents[child] = parent
+
+    def _republish_map_odom(self) -> None:
+        """Timer: the last map -> odom again, stamped now + transform_tolerance (rtabmap, AMCL do the same)."""
+        T = self._last_map_odom
+        if T is not None:
+            self._send_tf(self.settings.odom_frame, T, self.get_clock().now().nanoseconds)
+
     def _send_tf(self, child: str, T_map_child: np.ndarray, stamp_ns: int) -> None:
+        """map -> child stamped ``stamp_ns`` + transform_tolerance."""
         t = TransformStamped()
         ns_to_stamp_fields(stamp_ns + int(self.settings.transform_tolerance * 1e9), t.header.stamp)
         t.header.frame_id = self.settings.map_frame
@@ -653,12 +746,6 @@ class LocalizerNode(Node):
             st.last_frame_result = reason
             st.last_failure_reason = reason
             st.window.append((time.monotonic(), False, None, (time.monotonic_ns() - pending.received_ns) * 1e-6))
-        # Keep map -> odom alive through failed frames (AMCL re-sends its last estimate too).
-        if self.settings.publish_tf and self.settings.odom_frame and self._last_map_odom is not None and stamp_ns:
-            try:
-                self._send_tf(self.settings.odom_frame, self._last_map_odom, stamp_ns)
-            except Exception:
-                pass
         self._warn(warn_key, f"frame not localized: {reason}")
 
     def _warn(self, key: str, message: str) -> None:
@@ -684,7 +771,8 @@ class LocalizerNode(Node):
                 received=st.received, processed=st.processed, localized=st.localized, failed=st.failed,
                 dropped=st.dropped, consecutive=st.consecutive_failures, last_rx=st.last_received_mono,
                 stamp=st.last_frame_stamp_ns, result=st.last_frame_result, reason=st.last_failure_reason,
-                inliers=st.last_inliers, keypoints=st.last_keypoints, reliable=st.last_reliable, tf_problem=st.tf_problem)
+                inliers=st.last_inliers, keypoints=st.last_keypoints, reliable=st.last_reliable, tf_problem=st.tf_problem,
+                tf_refused=st.tf_refused)
         span = min(STATS_WINDOW_S, max(now - window[0][0], 1.0)) if window else STATS_WINDOW_S
         latencies = sorted(w[2] for w in window if w[1])
         processing = sorted(w[3] for w in window)
@@ -702,7 +790,9 @@ class LocalizerNode(Node):
                           f"frames are lost in transport; {FASTDDS_PROFILE_HINT}")
 
         status = DiagnosticStatus(name=DIAGNOSTIC_NAME, hardware_id=self.settings.map_path if self.settings else "")
-        if frame_loss:  # first: every other symptom (stale images, failed frames) follows from it
+        if snapshot["tf_refused"]:  # a configuration error that breaks the TF tree: ERROR until restarted
+            status.level, status.message = DiagnosticStatus.ERROR, snapshot["tf_refused"]
+        elif frame_loss:  # first: every other symptom (stale images, failed frames) follows from it
             status.level, status.message = DiagnosticStatus.WARN, frame_loss
         elif snapshot["received"] == 0:
             status.level, status.message = DiagnosticStatus.WARN, f"waiting for images on {self._image_topic}"

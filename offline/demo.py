@@ -106,7 +106,9 @@ def run_demo(work: Path, quick: bool = False) -> int:
     print("\n".join(summary.lines()))
 
     # Straight to node.log: a pipe read only once the replay is over could fill up and stall the node.
-    node = LocalizerNodeProcess({"map_path": str(map_dir), "device": "cpu", "publish_tf": True}, work / "node.log")
+    # The camera pose (what the frames' ground truth describes): no robot TF in the demo.
+    node = LocalizerNodeProcess({"map_path": str(map_dir), "device": "cpu", "odom_frame": "", "base_frame": ""},
+                                work / "node.log")
     try:
         result = replay(queries, work / "replay", rate_hz=1.0, timeout_s=60.0)
     finally:

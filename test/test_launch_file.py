@@ -192,7 +192,9 @@ def test_yaml_parameters_are_exactly_the_declared_ones_with_the_same_defaults(re
 def test_yaml_values_pass_the_node_validation(repo_root: Path):
     params = dict(load_params(repo_root), map_path="/maps/kitchen")
     settings = localizer_node.settings_from_values(params)
-    assert settings.map_frame == "map" and settings.odom_frame == "" and settings.device == "auto"
+    assert settings.map_frame == "map" and settings.device == "auto"
+    # REP-105 by default: map -> odom, the pose of base_link.
+    assert settings.odom_frame == "odom" and settings.base_frame == "base_link" and not settings.allow_tf_without_odom
 
 
 def test_every_parameter_has_a_description():
@@ -222,6 +224,10 @@ GOOD = {"map_path": "/maps/kitchen"}
     ("base_frame", "map", "base_frame 'map' must differ"),
     ("publish_tf", "yes", "publish_tf must be true or false"),
     ("transform_tolerance", -0.1, "transform_tolerance must be a number"),
+    ("tf_publish_rate", -1.0, "tf_publish_rate must be a number"),
+    ("max_jump_translation_m", 0.0, "max_jump_translation_m must be a number"),
+    ("min_consistent_frames", 0, "min_consistent_frames must be an integer >= 1"),
+    ("allow_tf_without_odom", 1, "allow_tf_without_odom must be true or false"),
     ("image_topic", "", "image_topic must not be empty"),
     ("no_such_parameter", 1, "unknown parameter"),
 ])

@@ -515,7 +515,9 @@ def test_pose_tf_and_diagnostics_with_a_map_that_localizes(tmp_path: Path, overf
     from d2s_nerf_ros.tf_math import pose_from_msg, stamp_to_ns, transform_from_msg
     from offline.replay import camera_info_fields
 
-    node, probe = start_node_with_probe(tmp_path, localising_params(overfit_map_path))
+    # The camera's pose and TF map -> camera (opted in), as a camera without a robot would use.
+    node, probe = start_node_with_probe(tmp_path, localising_params(
+        overfit_map_path, odom_frame="", base_frame="", allow_tf_without_odom=True, transform_tolerance=0.1))
     try:
         probe.send_info(camera_info_fields(redkitchen_frames[0].camera))
         time.sleep(0.2)
@@ -547,66 +549,141 @@ def test_pose_tf_and_diagnostics_with_a_map_that_localizes(tmp_path: Path, overf
     assert rc == 0
 
 
-def test_map_to_odom_follows_rep105_with_the_robot_base(tmp_path: Path, overfit_map_path: Path, redkitchen_frames: list):
-    """odom_frame + base_frame: pose of base_link in map, TF map -> odom from odom -> base_link -> camera."""
+def tf_msg(parent: str, child: str, T: np.ndarray, stamp_ns: int) -> Any:
     from geometry_msgs.msg import TransformStamped
+
+    from d2s_nerf_ros.tf_math import ns_to_stamp_fields, transform_to_msg_fields
+
+    t = TransformStamped()
+    ns_to_stamp_fields(stamp_ns, t.header.stamp)
+    t.header.frame_id, t.child_frame_id = parent, child
+    transform_to_msg_fields(T, t.transform)
+    return t
+
+
+# base_link -> camera optical frame: 20 cm forward, 30 cm up, z forward / x right / y down.
+T_BASE_CAM = np.array([[0, 0, 1, 0.2], [-1, 0, 0, 0.0], [0, -1, 0, 0.3], [0, 0, 0, 1]], dtype=float)
+
+
+def test_rep105_only_map_to_odom_at_the_timer_rate_gated_by_odometry(tmp_path: Path, overfit_map_path: Path,
+                                                                     redkitchen_frames: list):
+    """The shipped defaults (odom_frame odom, base_frame base_link) with a published odom -> base_link -> camera
+    chain: the pose is base_link's; the node sends map -> odom and nothing else, re-sent by its timer stamped
+    now + transform_tolerance; no pose before two agreeing frames; a frame that jumps against odometry is rejected."""
     from tf2_msgs.msg import TFMessage
 
     from d2s_nerf_ros.geometry import invert_pose, make_pose, matrix_from_rotvec, pose_error
-    from d2s_nerf_ros.tf_math import ns_to_stamp_fields, pose_from_msg, transform_from_msg, transform_to_msg_fields
+    from d2s_nerf_ros.node import PARAMETER_DEFAULTS
+    from d2s_nerf_ros.tf_math import pose_from_msg, stamp_to_ns, transform_from_msg
     from offline.replay import camera_info_fields
 
+    assert (PARAMETER_DEFAULTS["odom_frame"], PARAMETER_DEFAULTS["base_frame"]) == ("odom", "base_link")
     T_map_odom_true = make_pose(matrix_from_rotvec([0.0, 0.0, math.radians(20)]), [0.5, -0.3, 0.1])
-    # base_link -> camera optical frame: 20 cm forward, 30 cm up, z forward / x right / y down.
-    T_base_cam = make_pose(np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], dtype=float), [0.2, 0.0, 0.3])
-
-    def transform(parent: str, child: str, T: np.ndarray, stamp_ns: int) -> TransformStamped:
-        t = TransformStamped()
-        ns_to_stamp_fields(stamp_ns, t.header.stamp)
-        t.header.frame_id, t.child_frame_id = parent, child
-        transform_to_msg_fields(T, t.transform)
-        return t
-
-    node, probe = start_node_with_probe(
-        tmp_path, localising_params(overfit_map_path, odom_frame="odom", base_frame="base_link", transform_timeout=0.5))
+    node, probe = start_node_with_probe(tmp_path, localising_params(overfit_map_path, transform_timeout=0.5))
     try:
-        probe.tf_static_pub.publish(TFMessage(transforms=[transform("base_link", CAMERA_FRAME, T_base_cam, 0)]))
+        probe.tf_static_pub.publish(TFMessage(transforms=[tf_msg("base_link", CAMERA_FRAME, T_BASE_CAM, 0)]))
         probe.send_info(camera_info_fields(redkitchen_frames[0].camera))
         time.sleep(0.3)
-        frame = redkitchen_frames[0]
-        T_map_base_true = frame.T_world_cam @ invert_pose(T_base_cam)
-        T_odom_base = invert_pose(T_map_odom_true) @ T_map_base_true
-        stamp = probe.next_stamp()
-        # Odometry around the image time (the robot stands still).
-        probe.tf_pub.publish(TFMessage(transforms=[transform("odom", "base_link", T_odom_base, stamp - 50_000_000),
-                                                   transform("odom", "base_link", T_odom_base, stamp + 50_000_000)]))
-        time.sleep(0.2)
-        probe.send_image(image_fields(frame.load_rgb()), stamp_ns=stamp)
 
-        pose = wait_pose(probe, stamp)
+        def send_frame(frame, odom_error: np.ndarray | None = None) -> int:
+            """The frame's image with odometry around its stamp; ``odom_error`` corrupts what odometry says."""
+            T_odom_base = invert_pose(T_map_odom_true) @ frame.T_world_cam @ invert_pose(T_BASE_CAM)
+            if odom_error is not None:
+                T_odom_base = odom_error @ T_odom_base
+            stamp = probe.next_stamp()
+            probe.tf_pub.publish(TFMessage(transforms=[tf_msg("odom", "base_link", T_odom_base, stamp - 50_000_000),
+                                                       tf_msg("odom", "base_link", T_odom_base, stamp + 50_000_000)]))
+            time.sleep(0.2)
+            return probe.send_image(image_fields(frame.load_rgb()), stamp_ns=stamp)
+
+        first = send_frame(redkitchen_frames[0])
+        verdict = probe.wait_verdict(first, FRAME_TIMEOUT_S)
+        assert verdict.values["last_frame_result"].startswith("rejected: waiting for 2 agreeing frames"), verdict
+        assert probe.pose(first) is None
+        with probe.lock:
+            assert not any(t.child_frame_id == "odom" for t in probe.transforms), "map -> odom before the gate locked"
+
+        second = send_frame(redkitchen_frames[1])
+        pose = wait_pose(probe, second)
+        T_map_base_true = redkitchen_frames[1].T_world_cam @ invert_pose(T_BASE_CAM)
         dt, dr = pose_error(pose_from_msg(pose.pose.pose), T_map_base_true)
         assert dt < 0.15 and dr < 5.0, (dt, dr)  # the base pose: camera error plus the lever arm
-        tf = wait_tf(probe, "odom", stamp + 100_000_000)
-        assert tf.header.frame_id == "map"
+        tf = probe.wait_until(lambda: next((t for t in reversed(probe.transforms) if t.child_frame_id == "odom"), None),
+                              10, "map -> odom")
         dt, dr = pose_error(transform_from_msg(tf.transform), T_map_odom_true)
         assert dt < 0.15 and dr < 5.0, (dt, dr)
-        T_sent = transform_from_msg(tf.transform)
 
-        # A frame that fails keeps map -> odom alive: the last estimate is re-sent with its stamp.
-        bad = probe.send_image({"height": 480, "width": 640, "encoding": "rgb8", "step": 1920, "data": b"\x00" * 10})
-        tf_again = wait_tf(probe, "odom", bad + 100_000_000)
-        np.testing.assert_allclose(transform_from_msg(tf_again.transform), T_sent, atol=1e-12)
-        assert probe.pose(bad) is None
+        # The timer: map -> odom keeps coming without new frames, stamped now + transform_tolerance (1 s).
+        with probe.lock:
+            n0 = len(probe.transforms)
+        time.sleep(3.0)
+        with probe.lock:
+            window = list(probe.transforms)[n0:]
+        received_ns = time.time_ns()
+        odom_tfs = [t for t in window if t.child_frame_id == "odom"]
+        assert len(odom_tfs) >= 20, f"{len(odom_tfs)} map -> odom in 3 s (tf_publish_rate 20 Hz)"
+        newest = stamp_to_ns(odom_tfs[-1].header.stamp)
+        assert 0.5e9 < newest - second < 20e9 and newest > received_ns, "stamped send time + 1 s, not image time"
+        # Never a second parent: the node's TF is map -> odom only.
+        assert {(t.header.frame_id, t.child_frame_id) for t in window} == {("map", "odom")}
+
+        # Odometry says the robot is 1 m from where the image puts it: rejected, map -> odom kept.
+        jumped = send_frame(redkitchen_frames[0], odom_error=make_pose(np.eye(3), [1.0, 0.0, 0.0]))
+        verdict = probe.wait_verdict(jumped, FRAME_TIMEOUT_S)
+        assert verdict.values["last_frame_result"].startswith("rejected: implausible jump against odometry"), verdict
+        assert probe.pose(jumped) is None
+        time.sleep(0.5)
+        with probe.lock:
+            latest = next(t for t in reversed(probe.transforms) if t.child_frame_id == "odom")
+        np.testing.assert_allclose(transform_from_msg(latest.transform), transform_from_msg(tf.transform), atol=1e-9)
     finally:
         rc = stop_node_and_probe(node, probe)
     assert rc == 0
+
+
+def test_tf_without_odom_is_opt_in_and_refused_when_the_frame_has_a_parent(tmp_path: Path, overfit_map_path: Path,
+                                                                           redkitchen_frames: list):
+    """odom_frame '' + allow_tf_without_odom: map -> camera, unless the camera already has a parent on /tf_static."""
+    from tf2_msgs.msg import TFMessage
+
+    from offline.replay import camera_info_fields
+
+    params = localising_params(overfit_map_path, odom_frame="", base_frame="", allow_tf_without_odom=True)
+    node, probe = start_node_with_probe(tmp_path, params)
+    try:
+        probe.send_info(camera_info_fields(redkitchen_frames[0].camera))
+        time.sleep(0.2)
+        stamp = probe.send_image(image_fields(redkitchen_frames[0].load_rgb()))
+        wait_pose(probe, stamp)
+        wait_tf(probe, CAMERA_FRAME, stamp + 1_000_000_000)  # opted in: map -> camera, image stamp + tolerance
+
+        probe.tf_static_pub.publish(TFMessage(transforms=[tf_msg("base_link", CAMERA_FRAME, T_BASE_CAM, 0)]))
+        time.sleep(0.5)
+        stamp = probe.send_image(image_fields(redkitchen_frames[1].load_rgb()))
+        wait_pose(probe, stamp)  # the pose still goes out on ~/pose
+        record = probe.wait_until(lambda: (lambda d: d if d and d.level == 2 else None)(probe.latest_diagnostics()),
+                                  10, "an ERROR diagnostic")
+        assert record.message.startswith(f"refusing to publish map -> {CAMERA_FRAME}: {CAMERA_FRAME} already has the parent base_link")
+        time.sleep(0.5)
+        with probe.lock:
+            assert not any(t.child_frame_id == CAMERA_FRAME and stamp_of(t) == stamp + 1_000_000_000 for t in probe.transforms)
+    finally:
+        rc = stop_node_and_probe(node, probe)
+    assert rc == 0
+    assert "refusing to publish map -> camera" in node.stderr() + node.stdout_path.read_text(errors="replace")
+
+
+def stamp_of(t: Any) -> int:
+    from d2s_nerf_ros.tf_math import stamp_to_ns
+
+    return stamp_to_ns(t.header.stamp)
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["raw", "compressed"])
 def test_replay_tool_scores_the_node(tmp_path: Path, overfit_map_path: Path, redkitchen_frames: list, compressed: bool):
     from offline.replay import replay
 
-    params = localising_params(overfit_map_path, use_compressed=compressed)
+    params = localising_params(overfit_map_path, use_compressed=compressed, odom_frame="", base_frame="")
     node, probe = start_node_with_probe(tmp_path, params, use_compressed=compressed)
     try:
         out = tmp_path / "replay"
@@ -637,7 +714,9 @@ def test_readme_example_raw_frames_best_effort_at_1hz(tmp_path: Path, overfit_ma
     from offline.replay import replay
 
     assert os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE", "").endswith("fastdds_shm_large.xml")
-    node, probe = start_node_with_probe(tmp_path, {"map_path": str(overfit_map_path), "device": "cpu"})
+    # The camera's pose (no robot TF to look up): README `-p odom_frame:='' -p base_frame:=''`.
+    node, probe = start_node_with_probe(tmp_path, {"map_path": str(overfit_map_path), "device": "cpu",
+                                                   "odom_frame": "", "base_frame": ""})
     try:
         result = replay(redkitchen_frames * 5, tmp_path / "replay", rate_hz=1.0, timeout_s=30.0)
     finally:
@@ -724,6 +803,7 @@ def test_held_out_frames_localize_through_the_node(tmp_path: Path, built_redkitc
     frames = [f for f in load_sevenscenes(redkitchen_dir).frames if f.name not in mapping]
     queries = frames[5::len(frames) // 10][:10]
     node, probe = start_node_with_probe(tmp_path, {"map_path": str(built_redkitchen_map), "device": "cpu",
+                                                   "odom_frame": "", "base_frame": "",
                                                    "image_qos": "reliable"})
     try:
         result = replay(queries, tmp_path / "replay", rate_hz=0.5, timeout_s=60.0, image_qos="reliable")

@@ -96,7 +96,8 @@ def bench_node_latency(args) -> None:
 
     env = ros_loopback_env()
     os.environ.update(env)
-    params = {"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": args.image_qos}
+    # The camera pose (what the ground truth describes): no robot TF here.
+    params = {"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": args.image_qos, "odom_frame": "", "base_frame": ""}
     load0 = load_average()
     node = NodeUnderTest(params, runs / "node_latency_node.log", env)
     driver = None
@@ -288,7 +289,8 @@ def bench_soak(args) -> None:
 
     env = ros_loopback_env()
     os.environ.update(env)
-    params = {"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": args.image_qos}
+    # The camera pose (what the ground truth describes): no robot TF here.
+    params = {"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": args.image_qos, "odom_frame": "", "base_frame": ""}
     sample_every = args.sample_every or max(1, args.frames // 100)
     warmup_frames = max(1, args.frames // 10)
     load0 = load_average()
