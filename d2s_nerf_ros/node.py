@@ -12,6 +12,11 @@ Topics (node name ``localizer``; relative names resolve in the node's namespace)
     out  /tf                          map_frame -> odom_frame (REP-105); map_frame -> base_frame | the image's
                                       frame_id only with odom_frame "" and allow_tf_without_odom
     out  /diagnostics                 diagnostic_msgs/DiagnosticArray, once a second
+    out  ~/map_points                 sensor_msgs/PointCloud2 of the map's labelled 3D points, once, transient_local
+    out  /initialpose                 PoseWithCovarianceStamped of base_frame, with publish_initial_pose (AMCL)
+    srv  ~/relocalize                 std_srvs/Trigger: localise the next frames until one is accepted or
+                                      relocalize_timeout passes; answers success and a message naming why
+    srv  ~/change_state, ~/get_state, ...   lifecycle_msgs (a managed node)
 
 Behaviour
 - Images use sensor-data QoS (best effort, as camera drivers publish) unless
@@ -40,9 +45,18 @@ Behaviour
   before ``min_consistent_frames`` frames agree through odometry; afterwards a pose further than
   ``max_jump_translation_m`` / ``max_jump_rotation_deg`` from the odometry prediction is
   rejected (named in diagnostics); as many frames in a row that agree with each other re-lock.
-- Start-up faults (missing/corrupted/incompatible map, invalid parameter values, device
-  ``cuda`` without a GPU) print one line ``[localizer] error: ...`` on stderr and exit with
-  status 1. ``device: auto`` is the fallback mode: CUDA when present, else the CPU.
+- Lifecycle (``rclpy.lifecycle``): the map is loaded and the parameters checked in
+  ``on_configure``; subscriptions, publishers, timers, the service and the worker thread live
+  between ``on_activate`` and ``on_deactivate``; ``on_error`` tears them down and returns to
+  'unconfigured' instead of exiting. ``autostart`` (default true) configures and activates at
+  start-up; false waits for a lifecycle manager (nav2 ``lifecycle_manager``).
+- Modes: ``continuous`` localises every frame (at most ``max_rate_hz``); ``on_demand`` only while
+  a ``~/relocalize`` request waits. Each request resets the odometry gate (agreeing frames
+  again) and, with ``publish_initial_pose``, the accepted pose also goes to /initialpose once.
+- Start-up faults under autostart (missing/corrupted/incompatible map, invalid parameter
+  values, device ``cuda`` without a GPU) print one line ``[localizer] error: ...`` on stderr and
+  exit with status 1; without autostart the configure transition fails with that message in
+  the log and the node stays 'unconfigured'. ``device: auto`` falls back to the CPU.
 - Parameters are read once at start-up; changing one at run time is refused (restart instead).
 """
 
@@ -61,10 +75,13 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseWithCovarianceStamped, TransformStamped
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
+from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
 
 from d2s_nerf_ros.camera import CameraIntrinsics
@@ -145,6 +162,17 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   "(it is valid until then); the CPU end-to-end latency is ~0.9 s, so consumers looking up at a sensor's stamp "
                   "never extrapolate (>= 0). map -> base/camera (allow_tf_without_odom) is stamped image time + this."),
     ParameterSpec("transform_timeout", 0.1, "Seconds to wait for odom/base -> camera transforms at the image stamp (>= 0)."),
+    ParameterSpec("mode", "continuous", "continuous: localise every frame (at most max_rate_hz). on_demand: localise only while "
+                  "a ~/relocalize request (std_srvs/Trigger) waits for an accepted pose."),
+    ParameterSpec("max_rate_hz", 0.0, "Localise at most this many frames per second; newer frames replace waiting ones (0: no limit)."),
+    ParameterSpec("relocalize_timeout", 10.0, "Seconds a ~/relocalize request waits for an accepted pose before it answers failure (> 0)."),
+    ParameterSpec("publish_initial_pose", False, "Send the first accepted pose after start-up and after each ~/relocalize on "
+                  "/initialpose (PoseWithCovarianceStamped of base_frame, which must be set), to seed AMCL."),
+    ParameterSpec("pose_durability", "volatile", "Durability of ~/pose: volatile, or transient_local (a late subscriber gets the last pose)."),
+    ParameterSpec("publish_map_points", True, "Publish the map's 3D points (map_points.safetensors of the bundle) once on ~/map_points "
+                  "(sensor_msgs/PointCloud2 in map_frame, transient_local) for RViz."),
+    ParameterSpec("autostart", True, "Configure and activate at start-up (no lifecycle manager needed). false: wait in "
+                  "'unconfigured' for lifecycle transitions (nav2 lifecycle_manager)."),
     ParameterSpec("max_jump_translation_m", 0.5, "With odometry: a pose further than this from the one odometry predicts "
                   "(last map -> odom and odom -> camera at the image stamp) is rejected (> 0)."),
     ParameterSpec("max_jump_rotation_deg", 10.0, "With odometry: the same limit for the rotation, degrees (> 0)."),
@@ -153,6 +181,7 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
 )
 PARAMETER_DEFAULTS = {p.name: p.default for p in PARAMETERS}
 IMAGE_QOS_CHOICES = ("sensor_data", "reliable")
+MODES = ("continuous", "on_demand")
 
 
 @dataclass(frozen=True)
@@ -179,6 +208,13 @@ class NodeSettings:
     max_jump_translation_m: float
     max_jump_rotation_deg: float
     min_consistent_frames: int
+    mode: str
+    max_rate_hz: float
+    relocalize_timeout: float
+    publish_initial_pose: bool
+    pose_durability: str
+    publish_map_points: bool
+    autostart: bool
 
 
 def settings_from_values(values: dict[str, Any]) -> NodeSettings:
@@ -232,6 +268,15 @@ def settings_from_values(values: dict[str, Any]) -> NodeSettings:
         raise ValueError(f"parameter odom_frame must differ from map_frame, both are {frames['map_frame']!r}")
     if frames["base_frame"] and frames["base_frame"] in (frames["map_frame"], frames["odom_frame"]):
         raise ValueError(f"parameter base_frame {frames['base_frame']!r} must differ from map_frame and odom_frame")
+    mode = text("mode").lower()
+    if mode not in MODES:
+        raise ValueError(f"parameter mode must be continuous or on_demand, got {v['mode']!r}")
+    pose_durability = text("pose_durability").lower()
+    if pose_durability not in ("volatile", "transient_local"):
+        raise ValueError(f"parameter pose_durability must be volatile or transient_local, got {v['pose_durability']!r}")
+    publish_initial_pose = flag("publish_initial_pose")
+    if publish_initial_pose and not frames["base_frame"]:
+        raise ValueError("parameter publish_initial_pose needs base_frame (AMCL's /initialpose is the robot base's pose)")
     return NodeSettings(
         map_path=map_path,
         image_topic=topics["image_topic"],
@@ -255,6 +300,13 @@ def settings_from_values(values: dict[str, Any]) -> NodeSettings:
         max_jump_translation_m=number("max_jump_translation_m", 0.0, low_open=True),
         max_jump_rotation_deg=number("max_jump_rotation_deg", 0.0, 180.0, low_open=True),
         min_consistent_frames=integer("min_consistent_frames", 1),
+        mode=mode,
+        max_rate_hz=number("max_rate_hz", 0.0),
+        relocalize_timeout=number("relocalize_timeout", 0.0, low_open=True),
+        publish_initial_pose=publish_initial_pose,
+        pose_durability=pose_durability,
+        publish_map_points=flag("publish_map_points"),
+        autostart=flag("autostart"),
     )
 
 
@@ -338,6 +390,7 @@ class _Stats:
     localized: int = 0
     failed: int = 0
     dropped: int = 0
+    idle: int = 0          # frames not localised because mode is on_demand and no request waits
     consecutive_failures: int = 0
     last_received_mono: float | None = None
     # monotonic arrival times of images and CameraInfo messages (the rate window)
@@ -381,6 +434,10 @@ class _TfLookup:
         ]
         self._logger = node.get_logger()
 
+    def entities(self) -> list[Any]:
+        """The subscriptions this lookup created (none with tf2_ros, whose listener owns its own)."""
+        return list(getattr(self, "_subs", []))
+
     def _on_tf(self, msg: TFMessage, static: bool) -> None:
         for t in msg.transforms:
             try:
@@ -412,16 +469,43 @@ class _TfLookup:
                 time.sleep(0.005)
 
 
+# --------------------------------------------------------------------------- RViz
+
+def point_cloud_msg(points: np.ndarray, frame_id: str, stamp: Any) -> PointCloud2:
+    """An (N, 3) float32 array as an unorganised ``sensor_msgs/PointCloud2`` with fields x, y, z."""
+    xyz = np.ascontiguousarray(points, dtype=np.float32).reshape(-1, 3)
+    msg = PointCloud2()
+    msg.header.frame_id, msg.header.stamp = frame_id, stamp
+    msg.height, msg.width = 1, len(xyz)
+    msg.fields = [PointField(name=n, offset=4 * i, datatype=PointField.FLOAT32, count=1) for i, n in enumerate("xyz")]
+    msg.is_bigendian, msg.point_step, msg.row_step, msg.is_dense = sys.byteorder == "big", 12, 12 * len(xyz), True
+    msg.data = xyz.tobytes()
+    return msg
+
+
 # --------------------------------------------------------------------------- the node
 
 class StartupError(Exception):
     """The node cannot start; the message is printed as one line."""
 
 
-class LocalizerNode(Node):
+class LocalizerNode(LifecycleNode):
+    """Lifecycle: parameters declared at construction (a wrong type is a ``StartupError``); map loaded
+    and parameters checked in ``on_configure``; topics, timers, the service and the worker thread live
+    between ``on_activate`` and ``on_deactivate``; ``on_error`` tears them down and returns to
+    'unconfigured' instead of exiting the process."""
+
     def __init__(self, **node_kwargs: Any) -> None:
         super().__init__(NODE_NAME, **node_kwargs)
         self.settings: NodeSettings | None = None
+        self.configure_error = ""
+        self._io: list[Any] = []                    # what on_activate created, destroyed on deactivate
+        self._initial_pose_due = False
+        self._relocalize_lock = threading.Lock()
+        self._relocalize_request: threading.Event | None = None   # set by the worker when a pose is accepted
+        self._relocalize_result = ""
+        self._last_taken_mono = -math.inf
+        self._map_points: np.ndarray | None = None
         self._localizer = None
         self._stats = _Stats()
         self._stats_lock = threading.Lock()
@@ -437,10 +521,56 @@ class LocalizerNode(Node):
         self._stop = threading.Event()
         self._first_camera_info = threading.Event()
         self.device_name = ""
+        self._declared = self._declare_parameters()
+        self.add_on_set_parameters_callback(self._refuse_parameter_changes)
+
+    @property
+    def autostart(self) -> bool:
+        value = self.get_parameter("autostart").value
+        return value if isinstance(value, bool) else True
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self.start()
+        except StartupError as exc:
+            self.configure_error = str(exc)
+            self._localizer = None
+            if not self.autostart:  # under autostart main() prints it as the one line
+                self.get_logger().error(f"configure failed: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._activate()
+        except Exception as exc:  # the transition goes to on_error, which cleans up
+            self.get_logger().error(f"activation failed: {type(exc).__name__}: {exc}")
+            return TransitionCallbackReturn.ERROR
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._deactivate()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._deactivate()
+        self._localizer, self.settings, self._gate, self._map_points = None, None, None, None
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._deactivate()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().error(f"error in state {state.label}: topics and worker stopped, back to unconfigured")
+        self._deactivate()
+        self._localizer, self.settings, self._gate = None, None, None
+        return TransitionCallbackReturn.SUCCESS
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> None:
-        """Declare and check parameters, load the map, wire topics, start the worker. Raises StartupError."""
+        """Configure: check the parameters, resolve the device, load the map. Raises StartupError."""
         self.settings = self._read_parameters()
         s = self.settings
         try:
@@ -450,33 +580,64 @@ class LocalizerNode(Node):
         except (RuntimeError, ValueError) as exc:
             raise StartupError(f"{exc} (use device:=auto to fall back to the CPU)") from exc
         self._localizer = self._load_localizer(s)
-
-        self._tf = _TfLookup(self) if (s.odom_frame or s.base_frame) else None
         if s.odom_frame:
             self._gate = OdometryGate(s.max_jump_translation_m, s.max_jump_rotation_deg, s.min_consistent_frames)
+        self._map_points = None
+        if s.publish_map_points:
+            from d2s_nerf_ros.map_bundle import MapBundleError, load_map_points_xyz
+
+            try:
+                self._map_points = load_map_points_xyz(s.map_path)
+            except MapBundleError as exc:
+                self.get_logger().warning(f"~/map_points not published: {exc}")
+
+    def _activate(self) -> None:
+        """Topics, timers, the ~/relocalize service and the worker thread."""
+        s = self.settings
+        io = self._io
+        self._stop = threading.Event()
+        self._slot = LatestSlot()
+        self._initial_pose_due = s.publish_initial_pose
+        self._tf = _TfLookup(self) if (s.odom_frame or s.base_frame) else None
+        if self._tf is not None:
+            io.extend(self._tf.entities())
         if s.publish_tf and not s.odom_frame and s.allow_tf_without_odom:
             # A frame has one parent: watch who else publishes, and refuse map -> child if someone parents it.
             tf_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
             static_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST,
                                     durability=DurabilityPolicy.TRANSIENT_LOCAL)
-            self.create_subscription(TFMessage, "/tf", self._watch_parents, tf_qos)
-            self.create_subscription(TFMessage, "/tf_static", self._watch_parents, static_qos)
-        self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, "~/pose", 10)
+            io.append(self.create_subscription(TFMessage, "/tf", self._watch_parents, tf_qos))
+            io.append(self.create_subscription(TFMessage, "/tf_static", self._watch_parents, static_qos))
+        pose_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=(
+            DurabilityPolicy.TRANSIENT_LOCAL if s.pose_durability == "transient_local" else DurabilityPolicy.VOLATILE))
+        self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, "~/pose", pose_qos)
         self._tf_pub = self.create_publisher(TFMessage, "/tf", QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        io += [self._pose_pub, self._tf_pub, self._diag_pub]
+        self._initial_pose_pub = None
+        if s.publish_initial_pose:
+            self._initial_pose_pub = self.create_publisher(PoseWithCovarianceStamped, "/initialpose", 10)
+            io.append(self._initial_pose_pub)
+        if self._map_points is not None:
+            latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+            points_pub = self.create_publisher(PointCloud2, "~/map_points", latched)
+            io.append(points_pub)
+            points_pub.publish(point_cloud_msg(self._map_points, s.map_frame, self.get_clock().now().to_msg()))
         image_qos = qos_profile_sensor_data if s.image_qos == "sensor_data" else QoSProfile(
             depth=qos_profile_sensor_data.depth, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
         if s.use_compressed:
             self._image_topic = s.image_topic.rstrip("/") + "/compressed"
-            self.create_subscription(CompressedImage, self._image_topic, lambda m: self._on_image(m, True), image_qos)
+            io.append(self.create_subscription(CompressedImage, self._image_topic, lambda m: self._on_image(m, True), image_qos))
         else:
             self._image_topic = s.image_topic
-            self.create_subscription(Image, self._image_topic, lambda m: self._on_image(m, False), image_qos)
-        self.create_subscription(CameraInfo, s.camera_info_topic, self._on_camera_info, qos_profile_sensor_data)
-        self.create_timer(1.0, self._publish_diagnostics)
+            io.append(self.create_subscription(Image, self._image_topic, lambda m: self._on_image(m, False), image_qos))
+        io.append(self.create_subscription(CameraInfo, s.camera_info_topic, self._on_camera_info, qos_profile_sensor_data))
+        io.append(self.create_timer(1.0, self._publish_diagnostics))
         if s.publish_tf and s.odom_frame and s.tf_publish_rate > 0:
-            self.create_timer(1.0 / s.tf_publish_rate, self._republish_map_odom)
-        self.add_on_set_parameters_callback(self._refuse_parameter_changes)
+            io.append(self.create_timer(1.0 / s.tf_publish_rate, self._republish_map_odom))
+        # Its own callback group: the request blocks until a pose is accepted while images keep arriving.
+        io.append(self.create_service(Trigger, "~/relocalize", self._on_relocalize,
+                                      callback_group=MutuallyExclusiveCallbackGroup()))
 
         self._worker = threading.Thread(target=self._work, name="localizer-worker", daemon=True)
         self._worker.start()
@@ -489,9 +650,25 @@ class LocalizerNode(Node):
                if s.publish_tf and not s.odom_frame and s.allow_tf_without_odom else "")
             + ("; no TF (odom_frame empty; allow_tf_without_odom:=true publishes map -> base)"
                if s.publish_tf and not s.odom_frame and not s.allow_tf_without_odom else "")
-            + (f"; TF lookups via {self._tf.backend}" if self._tf else ""))
+            + (f"; TF lookups via {self._tf.backend}" if self._tf else "")
+            + f"; mode {s.mode}")
 
-    def _read_parameters(self) -> NodeSettings:
+    def _deactivate(self) -> None:
+        """Stop the worker and destroy what ``_activate`` created (safe to call in any state)."""
+        self._stop.set()
+        self._slot.close()
+        if self._worker is not None:
+            self._worker.join(timeout=10.0)
+            self._worker = None
+        for entity in self._io:
+            destroy = {"Subscription": self.destroy_subscription, "Publisher": self.destroy_publisher,
+                       "Timer": self.destroy_timer, "Service": self.destroy_service}.get(type(entity).__name__)
+            if destroy is not None:
+                destroy(entity)
+        self._io = []
+        self._tf = None
+
+    def _declare_parameters(self) -> dict[str, Any]:
         from rclpy.exceptions import ParameterException
 
         values: dict[str, Any] = {}
@@ -503,8 +680,11 @@ class LocalizerNode(Node):
             except ParameterException as exc:
                 detail = exc.args[0] if exc.args else str(exc)  # str(exc) appends the name again
                 raise StartupError(f"parameter {spec.name}: {detail}") from exc
+        return values
+
+    def _read_parameters(self) -> NodeSettings:
         try:
-            return settings_from_values(values)
+            return settings_from_values(self._declared)
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
 
@@ -540,21 +720,49 @@ class LocalizerNode(Node):
         return SetParametersResult(successful=False, reason=f"parameters are read at start-up; restart the node to change {names}")
 
     def stop(self) -> None:
-        self._stop.set()
-        self._slot.close()
-        if self._worker is not None:
-            self._worker.join(timeout=10.0)
+        self._deactivate()
+
+    # ------------------------------------------------------------------ ~/relocalize (its own callback group)
+    def _on_relocalize(self, request: Any, response: Any) -> Any:
+        s = self.settings
+        done = threading.Event()
+        with self._relocalize_lock:
+            if self._relocalize_request is not None:
+                response.success, response.message = False, "a relocalize request is already running"
+                return response
+            self._relocalize_request, self._relocalize_result = done, ""
+            if self._gate is not None:
+                self._gate.reset()  # agreeing frames again, against fresh odometry
+            self._initial_pose_due = s.publish_initial_pose
+        accepted = done.wait(s.relocalize_timeout)
+        with self._relocalize_lock:
+            self._relocalize_request = None
+            result = self._relocalize_result
+        with self._stats_lock:
+            last_failure = self._stats.last_failure_reason
+        response.success = accepted
+        response.message = result if accepted else (
+            f"no pose accepted in {s.relocalize_timeout:g} s: " + (last_failure or "no frame arrived"))
+        return response
 
     # ------------------------------------------------------------------ callbacks (executor thread)
     def _on_image(self, msg: Any, compressed: bool) -> None:
         now = time.monotonic()
-        replaced = self._slot.put(_PendingFrame(msg, compressed, time.monotonic_ns()))
+        s = self.settings
+        idle = s.mode == "on_demand" and self._relocalize_request is None
+        too_soon = s.max_rate_hz > 0 and now - self._last_taken_mono < 1.0 / s.max_rate_hz
+        replaced = False
+        if not (idle or too_soon):
+            self._last_taken_mono = now
+            replaced = self._slot.put(_PendingFrame(msg, compressed, time.monotonic_ns()))
         with self._stats_lock:
             self._stats.received += 1
             self._stats.last_received_mono = now
             self._stats.image_arrivals.append(now)
-            if replaced:
+            if replaced or too_soon:
                 self._stats.dropped += 1
+            if idle:
+                self._stats.idle += 1
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         with self._stats_lock:
@@ -653,6 +861,15 @@ class LocalizerNode(Node):
         if covariance is not None and np.all(np.isfinite(covariance)):
             pose.pose.covariance = covariance_to_msg_list(covariance)
         self._pose_pub.publish(pose)
+        if self._initial_pose_due and self._initial_pose_pub is not None:
+            self._initial_pose_due = False
+            self._initial_pose_pub.publish(pose)
+        with self._relocalize_lock:
+            if self._relocalize_request is not None and not self._relocalize_request.is_set():
+                self._relocalize_result = (f"localized: {target_frame or 'camera'} at ({T_map_target[0, 3]:.2f}, "
+                                           f"{T_map_target[1, 3]:.2f}, {T_map_target[2, 3]:.2f}) m in {s.map_frame}, "
+                                           f"{result.n_inliers} inliers")
+                self._relocalize_request.set()
         tf_problem = ""
         if s.publish_tf:
             tf_problem = self._publish_tf(target_frame, T_map_cam, T_odom_cam, odom_problem, T_map_target, stamp_ns)
@@ -769,7 +986,7 @@ class LocalizerNode(Node):
             first_arrival = min([q[0] for q in (st.image_arrivals, st.camera_info_arrivals) if q], default=now)
             snapshot = dict(
                 received=st.received, processed=st.processed, localized=st.localized, failed=st.failed,
-                dropped=st.dropped, consecutive=st.consecutive_failures, last_rx=st.last_received_mono,
+                dropped=st.dropped, idle=st.idle, consecutive=st.consecutive_failures, last_rx=st.last_received_mono,
                 stamp=st.last_frame_stamp_ns, result=st.last_frame_result, reason=st.last_failure_reason,
                 inliers=st.last_inliers, keypoints=st.last_keypoints, reliable=st.last_reliable, tf_problem=st.tf_problem,
                 tf_refused=st.tf_refused)
@@ -813,6 +1030,8 @@ class LocalizerNode(Node):
             "frames_localized": snapshot["localized"],
             "frames_failed": snapshot["failed"],
             "frames_dropped": snapshot["dropped"],
+            "frames_idle": snapshot["idle"],
+            "mode": self.settings.mode if self.settings else "",
             "consecutive_failures": snapshot["consecutive"],
             "rate_hz": f"{len(window) / span:.2f}",
             "image_rate_hz": f"{image_rate:.2f}",
@@ -846,13 +1065,21 @@ def main(args: list[str] | None = None) -> int:
     rclpy.init(args=args)
     node: LocalizerNode | None = None
     try:
-        node = LocalizerNode()
         try:
-            node.start()
+            node = LocalizerNode()
         except StartupError as exc:
             print(f"[{NODE_NAME}] error: {exc}", file=sys.stderr, flush=True)
             return 1
-        executor = SingleThreadedExecutor()
+        if node.autostart:
+            # Without a lifecycle manager a node that cannot configure has nothing to wait for.
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                print(f"[{NODE_NAME}] error: {node.configure_error or 'configure failed'}", file=sys.stderr, flush=True)
+                return 1
+            if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                print(f"[{NODE_NAME}] error: activation failed (see the log above)", file=sys.stderr, flush=True)
+                return 1
+        # Two threads: a ~/relocalize request waits while image callbacks go on.
+        executor = MultiThreadedExecutor(num_threads=2)
         executor.add_node(node)
         try:
             executor.spin()

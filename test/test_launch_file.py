@@ -228,12 +228,21 @@ GOOD = {"map_path": "/maps/kitchen"}
     ("max_jump_translation_m", 0.0, "max_jump_translation_m must be a number"),
     ("min_consistent_frames", 0, "min_consistent_frames must be an integer >= 1"),
     ("allow_tf_without_odom", 1, "allow_tf_without_odom must be true or false"),
+    ("mode", "sometimes", "mode must be continuous or on_demand"),
+    ("pose_durability", "forever", "pose_durability must be volatile or transient_local"),
+    ("relocalize_timeout", 0.0, "relocalize_timeout must be a number"),
+    ("autostart", "yes", "autostart must be true or false"),
     ("image_topic", "", "image_topic must not be empty"),
     ("no_such_parameter", 1, "unknown parameter"),
 ])
 def test_bad_values_name_the_parameter(name: str, value: object, message: str):
     with pytest.raises(ValueError, match=message):
         localizer_node.settings_from_values(dict(GOOD, **{name: value}))
+
+
+def test_initial_pose_needs_the_base_frame():
+    with pytest.raises(ValueError, match="publish_initial_pose needs base_frame"):
+        localizer_node.settings_from_values(dict(GOOD, publish_initial_pose=True, base_frame=""))
 
 
 def test_integers_are_accepted_for_doubles_and_frames_lose_leading_slashes():

@@ -451,6 +451,12 @@ def overfit_map(path: Path, frames: list, iterations: int = 600) -> Path:
         optimiser.step()
     print(f"overfit: mean coordinate error {coordinate_loss.item():.3f} m after {iterations} steps")
     bundle = MapBundle.create(model.eval(), extractor=extractor.config(), camera=frames[0].camera)
+    # The labelled points, as the build writes them (the node shows them on ~/map_points).
+    from safetensors.numpy import save as save_safetensors
+
+    bundle.add_file("map_points.safetensors", save_safetensors(
+        {f"{i}.points3D": t.astype(np.float32) for i, t in enumerate(targets)}
+        | {f"{i}.valid": v.astype(np.uint8) for i, v in enumerate(valids)}))
     return bundle.save(path)
 
 
@@ -671,6 +677,126 @@ def test_tf_without_odom_is_opt_in_and_refused_when_the_frame_has_a_parent(tmp_p
         rc = stop_node_and_probe(node, probe)
     assert rc == 0
     assert "refusing to publish map -> camera" in node.stderr() + node.stdout_path.read_text(errors="replace")
+
+
+def call_service(probe: LocalizerClient, srv_type: Any, name: str, request: Any, timeout: float = 60.0) -> Any:
+    client = probe.node.create_client(srv_type, name)
+    try:
+        assert client.wait_for_service(timeout_sec=timeout), f"no service {name}"
+        future = client.call_async(request)
+        probe.wait_until(future.done, timeout, f"the answer of {name}")
+        return future.result()
+    finally:
+        probe.node.destroy_client(client)
+
+
+def test_lifecycle_transitions_through_lifecycle_msgs_services(tmp_path: Path, overfit_map_path: Path):
+    """autostart false: the node waits unconfigured; configure loads the map, activate opens the topics
+    (and sends ~/map_points once, transient_local), deactivate closes them, cleanup drops the map."""
+    from lifecycle_msgs.msg import State, Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import PointCloud2
+
+    node = NodeProcess(tmp_path, localising_params(overfit_map_path, autostart=False))
+    probe = LocalizerClient(image_qos="reliable", name="probe")
+    clouds: list[Any] = []
+    try:
+        probe.node.create_subscription(PointCloud2, "/localizer/map_points", clouds.append, QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+
+        def state() -> int:
+            return call_service(probe, GetState, "/localizer/get_state", GetState.Request()).current_state.id
+
+        def change(transition: int) -> bool:
+            return call_service(probe, ChangeState, "/localizer/change_state",
+                                ChangeState.Request(transition=Transition(id=transition))).success
+
+        assert state() == State.PRIMARY_STATE_UNCONFIGURED
+        assert probe.image_publisher().get_subscription_count() == 0
+        assert change(Transition.TRANSITION_CONFIGURE) and state() == State.PRIMARY_STATE_INACTIVE
+        assert probe.image_publisher().get_subscription_count() == 0, "inactive: no subscriptions yet"
+        assert change(Transition.TRANSITION_ACTIVATE) and state() == State.PRIMARY_STATE_ACTIVE
+        probe.wait_ready(STARTUP_TIMEOUT_S, node_alive=node.alive, hardware_id=str(overfit_map_path))
+        cloud = probe.wait_until(lambda: clouds[0] if clouds else None, 30, "~/map_points")
+        assert cloud.header.frame_id == "map" and cloud.width > 100 and cloud.point_step == 12
+        xyz = np.frombuffer(bytes(cloud.data), dtype=np.float32).reshape(-1, 3)
+        assert np.all(np.isfinite(xyz)) and 0.5 < np.ptp(xyz, axis=0).max() < 20  # a kitchen, in metres
+        assert change(Transition.TRANSITION_DEACTIVATE) and state() == State.PRIMARY_STATE_INACTIVE
+        probe.wait_until(lambda: probe.image_publisher().get_subscription_count() == 0, 30, "the image subscription to go")
+        assert change(Transition.TRANSITION_CLEANUP) and state() == State.PRIMARY_STATE_UNCONFIGURED
+        assert node.alive()
+    finally:
+        probe.close()
+        rc = node.stop()
+        print(node.stderr()[-3000:])
+    assert rc == 0
+
+
+def test_on_demand_relocalize_sends_initial_pose(tmp_path: Path, overfit_map_path: Path, redkitchen_frames: list):
+    """mode on_demand: frames are not localised until ~/relocalize asks; the request answers with the
+    pose it accepted, which also goes to /initialpose (base_link, for AMCL) and stays on the
+    transient_local ~/pose for late subscribers; with no frames the request times out and says why."""
+    import threading
+
+    from geometry_msgs.msg import PoseWithCovarianceStamped
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from std_srvs.srv import Trigger
+    from tf2_msgs.msg import TFMessage
+
+    from d2s_nerf_ros.geometry import invert_pose, pose_error
+    from d2s_nerf_ros.tf_math import pose_from_msg
+    from offline.replay import camera_info_fields
+
+    params = localising_params(overfit_map_path, mode="on_demand", odom_frame="", base_frame="base_link",
+                               publish_initial_pose=True, pose_durability="transient_local", relocalize_timeout=3.0,
+                               transform_timeout=0.5)
+    node, probe = start_node_with_probe(tmp_path, params)
+    initial: list[Any] = []
+    stop = threading.Event()
+    try:
+        probe.node.create_subscription(PoseWithCovarianceStamped, "/initialpose", initial.append, 10)
+        probe.tf_static_pub.publish(TFMessage(transforms=[tf_msg("base_link", CAMERA_FRAME, T_BASE_CAM, 0)]))
+        probe.send_info(camera_info_fields(redkitchen_frames[0].camera))
+        frame = redkitchen_frames[0]
+        image = image_fields(frame.load_rgb())
+
+        def stream() -> None:
+            while not stop.is_set():
+                probe.send_image(image)
+                stop.wait(0.5)
+        sender = threading.Thread(target=stream, daemon=True)
+        sender.start()
+        wait_counters(probe, lambda c: c["frames_idle"] >= 3, 30, "idle frames")
+        assert not probe.poses, "on_demand: no pose without a request"
+
+        answer = call_service(probe, Trigger, "/localizer/relocalize", Trigger.Request())
+        assert answer.success, answer.message
+        assert answer.message.startswith("localized: base_link at ("), answer.message
+        seed = probe.wait_until(lambda: initial[0] if initial else None, 10, "/initialpose")
+        assert seed.header.frame_id == "map"
+        T_map_base_true = frame.T_world_cam @ invert_pose(T_BASE_CAM)
+        dt, dr = pose_error(pose_from_msg(seed.pose.pose), T_map_base_true)
+        assert dt < 0.15 and dr < 5.0, (dt, dr)
+        stop.set()
+        sender.join()
+        time.sleep(2.0)
+        assert len(initial) == 1, "one /initialpose per request, not one per frame"
+        n_poses = len(probe.poses)
+
+        # transient_local ~/pose: a subscriber that comes later still gets the last pose.
+        late: list[Any] = []
+        probe.node.create_subscription(PoseWithCovarianceStamped, "/localizer/pose", late.append, QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        probe.wait_until(lambda: late, 10, "the last pose for a late subscriber")
+
+        answer = call_service(probe, Trigger, "/localizer/relocalize", Trigger.Request())
+        assert not answer.success and answer.message.startswith("no pose accepted in 3 s"), answer.message
+        assert len(probe.poses) == n_poses
+    finally:
+        stop.set()
+        rc = stop_node_and_probe(node, probe)
+    assert rc == 0
 
 
 def stamp_of(t: Any) -> int:
