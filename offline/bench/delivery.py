@@ -234,7 +234,7 @@ def bench_delivery(args) -> None:
   (`sensor_data`) on both sides, as a camera driver and the node use by default.
 - Transport: a publisher process sends {', '.join(f'{frames_at(r, args.seconds)} frames at {r:g} Hz' for r in rates)}
   to a subscriber process (no node); frames counted by the subscriber.
-- Node: {'not measured (no --map given)' if map_dir is None else f'the localizer (`-p device:=cpu`, camera pose, no TF) with map `{shown_map}`; `offline.replay.replay` in its own process sends held-out RedKitchen frames (frames of the same recording as the mapping frames, not the 7-Scenes test split), ' + ', '.join(f'{frames_at(r, args.node_seconds)} at {r:g} Hz' for r in rates) + '. The node processes the newest frame only (about 1 frame/s on this CPU), so at 10 and 30 Hz most received frames are dropped by design; the pose rate is poses over the sending time.'}
+- Node: {'not measured (no --map given)' if map_dir is None else f'the localizer (`-p device:=cpu`, camera pose, no TF) with map `{shown_map}`; `offline.replay.replay` in its own process sends held-out RedKitchen frames (frames of the same recording as the mapping frames, not the 7-Scenes test split), ' + ', '.join(f'{frames_at(r, args.node_seconds)} at {r:g} Hz' for r in rates) + '. The node processes the newest frame only, so whatever arrives while it works on a frame is dropped by design and its processing time on this shared CPU bounds the pose rate (poses over the sending time).'}
 
 {chr(10).join(lines)}
 """
