@@ -201,6 +201,28 @@ def test_cuda_requested_without_gpu_exits_with_one_clear_line(tmp_path: Path, ra
     assert_one_clear_line(rc, lines, "cuda", "device:=auto")
 
 
+def test_a_namespaced_node_keeps_the_parameters_of_a_root_key_file(tmp_path: Path, random_map_path: Path):
+    """config/localizer.yaml's ``/**`` key, as the launch file passes it with namespace:=robot1: the node
+    under /robot1 takes map_path and image_topic from the file."""
+    import yaml
+
+    from offline.node_process import ChildProcess, localizer_node_command
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": {
+        "map_path": str(random_map_path), "image_topic": "/robot1_camera/image", "device": "cpu",
+        "odom_frame": "", "base_frame": "", "max_keypoints": 256}}}))
+    command = localizer_node_command({})[:-1] + ["--ros-args", "-r", "__ns:=/robot1", "--params-file", str(params_file)]
+    node = ChildProcess(command, tmp_path / "ns.stdout", tmp_path / "ns.stderr", cwd=REPO_ROOT)
+    probe = LocalizerClient(image_topic="/robot1_camera/image", pose_topic="/robot1/localizer/pose", name="probe")
+    try:
+        probe.wait_ready(STARTUP_TIMEOUT_S, node_alive=node.alive, hardware_id=str(random_map_path))
+    finally:
+        probe.close()
+        rc = node.stop()
+    assert rc == 0, (tmp_path / "ns.stderr").read_text()
+
+
 # ----------------------------------------------------------------------------- bad input, raw images
 
 
