@@ -23,7 +23,7 @@ setup(
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE_NAME}"]),
         (f"share/{PACKAGE_NAME}", ["package.xml"]),
         (f"share/{PACKAGE_NAME}/launch", sorted(glob("launch/*.launch.py"))),
-        (f"share/{PACKAGE_NAME}/config", sorted(glob("config/*.yaml"))),
+        (f"share/{PACKAGE_NAME}/config", sorted(glob("config/*.yaml") + glob("config/*.xml"))),
     ],
     install_requires=["setuptools"],
     zip_safe=False,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from d2s_nerf_ros.camera import CameraIntrinsics
@@ -265,6 +266,41 @@ class MapBundle:
         state = {k: v.to(device) for k, v in state.items()}
         extra = {name: path / name for name in files if name != WEIGHTS_NAME}
         return cls(manifest=manifest, state_dict=state, extra_files=extra, path=path)
+
+
+MAP_POINTS_NAME = "map_points.safetensors"
+
+
+def load_map_points_xyz(path: Path | str) -> np.ndarray:
+    """The labelled 3D points of a bundle's mapping frames (``map_points.safetensors``: per frame
+    ``<i>.points3D`` and ``<i>.valid``) as one (N, 3) float32 array in the map frame, for display.
+
+    ``MapBundleError`` when the bundle has no such file or it does not match its manifest checksum.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as load_numpy
+
+    path = Path(path)
+    try:
+        expected = json.loads((path / MANIFEST_NAME).read_text()).get("files", {}).get(MAP_POINTS_NAME)
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise MapBundleError(f"cannot read {path / MANIFEST_NAME}: {exc}") from exc
+    if expected is None or not (path / MAP_POINTS_NAME).is_file():
+        raise MapBundleError(f"map {path} has no {MAP_POINTS_NAME} (maps built before it was added: rebuild to get it)")
+    data = (path / MAP_POINTS_NAME).read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise MapBundleError(f"{path / MAP_POINTS_NAME} is corrupted or was modified: its sha256 does not match the manifest")
+    try:
+        arrays = load_numpy(data)
+    except (SafetensorError, ValueError) as exc:
+        raise MapBundleError(f"{path / MAP_POINTS_NAME} is not a readable safetensors file: {exc}") from exc
+    frames = sorted({k.split(".")[0] for k in arrays if k.endswith(".points3D")}, key=lambda k: int(k) if k.isdigit() else k)
+    parts = []
+    for key in frames:
+        points = np.asarray(arrays[f"{key}.points3D"], dtype=np.float32).reshape(-1, 3)
+        valid = np.asarray(arrays.get(f"{key}.valid", np.ones(len(points), np.uint8))).astype(bool).reshape(-1)
+        parts.append(points[valid & np.all(np.isfinite(points), axis=1)])
+    return np.concatenate(parts) if parts else np.zeros((0, 3), np.float32)
 
 
 def _as_device(device: torch.device | str) -> torch.device:

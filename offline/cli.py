@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -241,13 +242,16 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_replay(args) -> int:
+    from offline.demo import fastdds_profile_env
     from offline.replay import replay
 
+    # Before rclpy starts: Fast DDS reads the profile when the first participant is created.
+    os.environ.update(fastdds_profile_env())
     out = Path(args.out)
     frames = _query_frames(args, Path(args.query_source), None, args.every, out / "source")
     result = replay(frames, out, rate_hz=args.rate, image_topic=args.image_topic_out,
                     camera_info_topic=args.camera_info_topic_out, compressed=args.compressed,
-                    timeout_s=args.timeout)
+                    timeout_s=args.timeout, image_qos=args.image_qos)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -339,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image-topic", dest="image_topic_out", default="/camera/image_raw")
     r.add_argument("--camera-info-topic", dest="camera_info_topic_out", default="/camera/camera_info")
     r.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the last pose")
+    r.add_argument("--image-qos", choices=["sensor_data", "reliable"], default="sensor_data",
+                   help="image publisher QoS: sensor_data (best effort, like a camera driver) or reliable")
     r.set_defaults(func=cmd_replay)
 
     d = sub.add_parser("demo", help="the whole job on a generated sample: bag -> map -> node -> replay")

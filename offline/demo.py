@@ -21,9 +21,46 @@ QUERY_EVERY = 3
 DEMO_MAX_MEDIAN_ERROR_M = 0.5
 
 
+FASTDDS_PROFILE_NAME = "fastdds_shm_large.xml"
+
+
+def fastdds_profile_path() -> Path:
+    """The package's Fast DDS profile (a shared-memory segment large enough for raw camera frames).
+
+    From the source tree (``config/``) or, installed by colcon, the package's share directory.
+    """
+    in_tree = Path(__file__).resolve().parents[1] / "config" / FASTDDS_PROFILE_NAME
+    if in_tree.is_file():
+        return in_tree
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        installed = Path(get_package_share_directory("d2s_nerf_ros")) / "config" / FASTDDS_PROFILE_NAME
+    except Exception:  # ament_index raises its own lookup error when the package is not installed
+        installed = None
+    if installed is not None and installed.is_file():
+        return installed
+    raise FileNotFoundError(f"the Fast DDS profile {FASTDDS_PROFILE_NAME} is neither in {in_tree.parent} nor installed")
+
+
+def fastdds_profile_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with ``FASTDDS_DEFAULT_PROFILES_FILE`` naming
+    the package's Fast DDS profile, unless one is exported already (the user's own wins).
+
+    Without it Fast DDS's 0.5 MB shared-memory segment loses most raw 640x480 frames sent best
+    effort (docs/BENCHMARKS.md, delivery); the publisher's profile is what matters. Fast DDS reads
+    the variable when a process creates its first participant: apply it (``os.environ.update``)
+    before the first ``rclpy.init``, and pass it to child processes.
+    """
+    env = dict(os.environ if base is None else base)
+    env.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(fastdds_profile_path()))
+    return env
+
+
 def ros_loopback_env() -> dict[str, str]:
-    """This process's environment with DDS on loopback and a private domain unless one is set."""
-    env = dict(os.environ)
+    """``fastdds_profile_env()`` with DDS on loopback and a private domain unless one is set
+    (the demo, benchmarks and tests start their own node)."""
+    env = fastdds_profile_env()
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"  # DDS stays on loopback
     env.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(20, 99)))
     return env
@@ -69,7 +106,9 @@ def run_demo(work: Path, quick: bool = False) -> int:
     print("\n".join(summary.lines()))
 
     # Straight to node.log: a pipe read only once the replay is over could fill up and stall the node.
-    node = LocalizerNodeProcess({"map_path": str(map_dir), "device": "cpu", "publish_tf": True}, work / "node.log")
+    # The camera pose (what the frames' ground truth describes): no robot TF in the demo.
+    node = LocalizerNodeProcess({"map_path": str(map_dir), "device": "cpu", "odom_frame": "", "base_frame": ""},
+                                work / "node.log")
     try:
         result = replay(queries, work / "replay", rate_hz=1.0, timeout_s=60.0)
     finally:

@@ -124,15 +124,20 @@ class LocalizerNodeProcess(ChildProcess):
     """``python -m d2s_nerf_ros.node --ros-args -p name:=value ...`` as a child process.
 
     ``params`` are the node's ROS parameters (see ``ros_parameter_text`` for how values are
-    written); the rest is as for ``ChildProcess``. ``pid`` is the node's own process, so /proc
-    gives its memory and CPU time.
+    written); the rest is as for ``ChildProcess``, except that the environment always names the
+    package's Fast DDS profile unless it names one already (``offline.demo.fastdds_profile_env``),
+    so the node's publishers and subscribers use the large shared-memory segment. ``pid`` is the
+    node's own process, so /proc gives its memory and CPU time.
     """
 
     def __init__(self, params: Mapping[str, Any], stdout_path: Path | str, stderr_path: Path | str | None = None,
                  env: Mapping[str, str] | None = None, cwd: Path | str | None = None,
                  python: str = sys.executable) -> None:
+        from offline.demo import fastdds_profile_env
+
         self.params = dict(params)
-        super().__init__(localizer_node_command(self.params, python), stdout_path, stderr_path, env=env, cwd=cwd)
+        super().__init__(localizer_node_command(self.params, python), stdout_path, stderr_path,
+                         env=fastdds_profile_env(None if env is None else dict(env)), cwd=cwd)
 
 
 __all__ = ["ChildProcess", "LocalizerNodeProcess", "NODE_MODULE", "STOP_TIMEOUT_S", "localizer_node_command",

@@ -11,9 +11,11 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("D2S_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
 
-# Every test process keeps DDS on loopback and on a domain of its own.
+# Every test process keeps DDS on loopback and on a domain of its own, and uses the package's
+# Fast DDS profile (raw camera frames fit its shared-memory segment) before any rclpy.init.
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(20, 99)))
+os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(REPO_ROOT / "config" / "fastdds_shm_large.xml"))
 
 
 @pytest.fixture(scope="session")

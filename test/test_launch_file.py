@@ -126,27 +126,57 @@ def test_launch_arguments_are_declared_and_map_to_node_parameters(launch_tree: a
     assert set(constants["OVERRIDES"].values()) <= node_parameters
 
 
-def test_default_params_file_exists_and_is_installed(launch_tree: ast.Module, repo_root: Path):
-    # os.path.join(get_package_share_directory(PACKAGE), "config", "localizer.yaml")
+def test_default_params_and_dds_profile_exist_and_are_installed(launch_tree: ast.Module, repo_root: Path):
+    # os.path.join(get_package_share_directory(PACKAGE), "config", "localizer.yaml" | "fastdds_shm_large.xml")
     constants = module_constants(launch_tree)
     joins = [c for c in calls_named(launch_tree, "join")
              if c.args and isinstance(c.args[0], ast.Call) and getattr(c.args[0].func, "id", "") == "get_package_share_directory"]
-    assert len(joins) == 1
-    assert value_of(joins[0].args[0].args[0], constants) == PACKAGE
-    relative = Path(*[value_of(a, constants) for a in joins[0].args[1:]])
-    source = repo_root / relative
-    assert source.is_file(), f"default params file {relative} is not in the repository"
+    relatives = []
+    for join in joins:
+        assert value_of(join.args[0].args[0], constants) == PACKAGE
+        relatives.append(Path(*[value_of(a, constants) for a in join.args[1:]]))
+    assert sorted(r.as_posix() for r in relatives) == ["config/fastdds_shm_large.xml", "config/localizer.yaml"]
     installed = installed_data_patterns(repo_root)
-    share_dir = f"share/{PACKAGE}/{relative.parent.as_posix()}"
-    assert any(fnmatch.fnmatch(relative.as_posix(), p) for p in installed.get(share_dir, [])), \
-        f"setup.py does not install {relative} into {share_dir}"
+    for relative in relatives:
+        source = repo_root / relative
+        assert source.is_file(), f"default file {relative} is not in the repository"
+        share_dir = f"share/{PACKAGE}/{relative.parent.as_posix()}"
+        assert any(fnmatch.fnmatch(relative.as_posix(), p) for p in installed.get(share_dir, [])), \
+            f"setup.py does not install {relative} into {share_dir}"
     assert any(fnmatch.fnmatch(LAUNCH_FILE.as_posix(), p) for p in installed.get(f"share/{PACKAGE}/launch", []))
+
+
+def test_the_dds_profile_is_a_fast_dds_profile_with_a_large_shared_memory_segment(repo_root: Path):
+    import xml.etree.ElementTree as ET
+
+    ns = {"dds": "http://www.eprosima.com"}
+    root = ET.parse(repo_root / "config" / "fastdds_shm_large.xml").getroot()
+    shm = [t for t in root.iterfind(".//dds:transport_descriptor", ns) if t.findtext("dds:type", namespaces=ns) == "SHM"]
+    assert len(shm) == 1
+    # 32 MB: a raw 640x480 rgb8 frame is 0.9 MB, 1920x1080 rgb8 6.2 MB; Fast DDS's default is 0.5 MB.
+    assert int(shm[0].findtext("dds:segment_size", namespaces=ns)) >= 32 * 1024 * 1024
+    participant = root.find(".//dds:participant", ns)
+    assert participant.get("is_default_profile") == "true"
+    used = [t.text for t in participant.iterfind(".//dds:userTransports/dds:transport_id", ns)]
+    assert shm[0].findtext("dds:transport_id", namespaces=ns) in used
+    assert participant.findtext(".//dds:useBuiltinTransports", namespaces=ns) == "false"
+
+
+def test_namespace_and_sim_time_reach_the_node(launch_tree: ast.Module, repo_root: Path):
+    constants = module_constants(launch_tree)
+    declared = {value_of(c.args[0], constants) for c in calls_named(launch_tree, "DeclareLaunchArgument")}
+    assert {"namespace", "use_sim_time", "fastdds_profile"} <= declared
+    node_kwargs = {kw.arg for call in calls_named(launch_tree, "Node") for kw in call.keywords}
+    assert "namespace" in node_kwargs
+    # "/**" matches the node under any namespace (and name): a namespaced node keeps the file's parameters.
+    doc = yaml.safe_load((repo_root / "config" / "localizer.yaml").read_text())
+    assert list(doc) == ["/**"]
 
 
 def load_params(repo_root: Path) -> dict:
     doc = yaml.safe_load((repo_root / "config" / "localizer.yaml").read_text())
-    assert list(doc) == [localizer_node.NODE_NAME]
-    return doc[localizer_node.NODE_NAME]["ros__parameters"]
+    assert list(doc) == ["/**"]
+    return doc["/**"]["ros__parameters"]
 
 
 def test_yaml_parameters_are_exactly_the_declared_ones_with_the_same_defaults(repo_root: Path):
@@ -162,7 +192,9 @@ def test_yaml_parameters_are_exactly_the_declared_ones_with_the_same_defaults(re
 def test_yaml_values_pass_the_node_validation(repo_root: Path):
     params = dict(load_params(repo_root), map_path="/maps/kitchen")
     settings = localizer_node.settings_from_values(params)
-    assert settings.map_frame == "map" and settings.odom_frame == "" and settings.device == "auto"
+    assert settings.map_frame == "map" and settings.device == "auto"
+    # REP-105 by default: map -> odom, the pose of base_link.
+    assert settings.odom_frame == "odom" and settings.base_frame == "base_link" and not settings.allow_tf_without_odom
 
 
 def test_every_parameter_has_a_description():
@@ -192,12 +224,25 @@ GOOD = {"map_path": "/maps/kitchen"}
     ("base_frame", "map", "base_frame 'map' must differ"),
     ("publish_tf", "yes", "publish_tf must be true or false"),
     ("transform_tolerance", -0.1, "transform_tolerance must be a number"),
+    ("tf_publish_rate", -1.0, "tf_publish_rate must be a number"),
+    ("max_jump_translation_m", 0.0, "max_jump_translation_m must be a number"),
+    ("min_consistent_frames", 0, "min_consistent_frames must be an integer >= 1"),
+    ("allow_tf_without_odom", 1, "allow_tf_without_odom must be true or false"),
+    ("mode", "sometimes", "mode must be continuous or on_demand"),
+    ("pose_durability", "forever", "pose_durability must be volatile or transient_local"),
+    ("relocalize_timeout", 0.0, "relocalize_timeout must be a number"),
+    ("autostart", "yes", "autostart must be true or false"),
     ("image_topic", "", "image_topic must not be empty"),
     ("no_such_parameter", 1, "unknown parameter"),
 ])
 def test_bad_values_name_the_parameter(name: str, value: object, message: str):
     with pytest.raises(ValueError, match=message):
         localizer_node.settings_from_values(dict(GOOD, **{name: value}))
+
+
+def test_initial_pose_needs_the_base_frame():
+    with pytest.raises(ValueError, match="publish_initial_pose needs base_frame"):
+        localizer_node.settings_from_values(dict(GOOD, publish_initial_pose=True, base_frame=""))
 
 
 def test_integers_are_accepted_for_doubles_and_frames_lose_leading_slashes():

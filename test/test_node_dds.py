@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import pytest
 
 from offline.node_process import LocalizerNodeProcess
+from offline.ros_client import LocalizerClient, NodeNotReady, image_fields, jpeg_fields
 
 pytestmark = pytest.mark.dds
 
@@ -58,160 +58,34 @@ class NodeProcess(LocalizerNodeProcess):
         return self.stderr_path.read_text(errors="replace")
 
 
-class Probe:
-    """The test's own ROS node (separate context): publishes camera data, records what the node sends."""
-
-    def __init__(self, image_topic: str = "/camera/image_raw", info_topic: str = "/camera/camera_info") -> None:
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from geometry_msgs.msg import PoseWithCovarianceStamped
-        from rclpy.context import Context
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-        from sensor_msgs.msg import CameraInfo, CompressedImage, Image
-        from tf2_msgs.msg import TFMessage
-
-        from d2s_nerf_ros.node import DIAGNOSTIC_NAME
-
-        self.context = Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node(f"probe_{uuid.uuid4().hex[:8]}", context=self.context)
-        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-        self.image_pub = self.node.create_publisher(Image, image_topic, reliable)
-        self.compressed_pub = self.node.create_publisher(CompressedImage, image_topic + "/compressed", reliable)
-        self.info_pub = self.node.create_publisher(CameraInfo, info_topic, reliable)
-        self.tf_pub = self.node.create_publisher(TFMessage, "/tf", QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
-        self.tf_static_pub = self.node.create_publisher(
-            TFMessage, "/tf_static",
-            QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
-        self.lock = threading.Lock()
-        self.poses: list[Any] = []
-        self.tf: list[Any] = []
-        self.diagnostics: list[tuple[int, dict[str, str], Any]] = []  # (level, values, status)
-        self.diagnostic_name = DIAGNOSTIC_NAME
-        self.node.create_subscription(PoseWithCovarianceStamped, "/localizer/pose", self._on_pose, 50)
-        self.node.create_subscription(TFMessage, "/tf", self._on_tf, QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-        self._last_stamp = 0
-
-    def _on_pose(self, msg: Any) -> None:
-        with self.lock:
-            self.poses.append(msg)
-
-    def _on_tf(self, msg: Any) -> None:
-        with self.lock:
-            self.tf.extend(msg.transforms)
-
-    def _on_diag(self, msg: Any) -> None:
-        for status in msg.status:
-            if status.name == self.diagnostic_name:
-                with self.lock:
-                    self.diagnostics.append((int.from_bytes(status.level, "little") if isinstance(status.level, bytes)
-                                             else int(status.level), {kv.key: kv.value for kv in status.values}, status))
-
-    def close(self) -> None:
-        import rclpy
-
-        self.executor.shutdown(timeout_sec=1.0)
-        self.thread.join(timeout=5)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
-
-    # --------------------------------------------------------------- waiting
-    @staticmethod
-    def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-    def latest_diag(self) -> dict[str, str] | None:
-        with self.lock:
-            return dict(self.diagnostics[-1][1]) if self.diagnostics else None
-
-    def wait_ready(self, node: NodeProcess, use_compressed: bool = False) -> None:
-        pub = self.compressed_pub if use_compressed else self.image_pub
-
-        def ready() -> bool:
-            if not node.alive():
-                raise AssertionError(f"the node exited with {node.returncode}: {node.stderr()}")
-            # Diagnostics from this very node (its map), not from one that is still shutting down.
-            with self.lock:
-                own = any(status.hardware_id == str(node.params.get("map_path")) for _, _, status in self.diagnostics)
-            return own and pub.get_subscription_count() > 0 and self.info_pub.get_subscription_count() > 0
-        self.wait_until(ready, STARTUP_TIMEOUT_S, "the node to subscribe and publish diagnostics")
-
-    def wait_counters(self, predicate: Callable[[dict[str, int]], bool], timeout: float, what: str) -> dict[str, int]:
-        def check():
-            d = self.latest_diag()
-            if d is None:
-                return None
-            counters = {k: int(v) for k, v in d.items() if k.startswith("frames_")}
-            return counters if predicate(counters) else None
-        return self.wait_until(check, timeout, what)
-
-    # --------------------------------------------------------------- sending
-    def next_stamp(self) -> int:
-        self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
-        return self._last_stamp
-
-    def stamp(self, msg: Any, stamp_ns: int, frame_id: str = CAMERA_FRAME) -> Any:
-        from d2s_nerf_ros.tf_math import ns_to_stamp_fields
-
-        ns_to_stamp_fields(stamp_ns, msg.header.stamp)
-        msg.header.frame_id = frame_id
-        return msg
-
-    def send_info(self, fields: dict[str, Any]) -> None:
-        from sensor_msgs.msg import CameraInfo
-
-        self.info_pub.publish(self.stamp(CameraInfo(**fields), self.next_stamp()))
-
-    def send_image(self, fields: dict[str, Any], compressed: bool = False, stamp_ns: int | None = None) -> int:
-        from sensor_msgs.msg import CompressedImage, Image
-
-        stamp_ns = stamp_ns or self.next_stamp()
-        msg = self.stamp((CompressedImage if compressed else Image)(**fields), stamp_ns)
-        (self.compressed_pub if compressed else self.image_pub).publish(msg)
-        return stamp_ns
-
-    def frame_result(self, fields: dict[str, Any], compressed: bool = False, attempts: int = 3) -> str:
-        """Send one image and return the node's verdict on it (diagnostics' last_frame_result).
-
-        Images are published reliably but the node subscribes best-effort (sensor data QoS),
-        so an image may be lost on a busy machine: it is re-sent with a new stamp then.
-        """
-        for _ in range(attempts):
-            stamp = self.send_image(fields, compressed)
-            try:
-                d = self.wait_until(
-                    lambda: (lambda d: d if d and d.get("last_frame_stamp_ns") == str(stamp) else None)(self.latest_diag()),
-                    FRAME_TIMEOUT_S, f"the verdict on the frame stamped {stamp}")
-                return d["last_frame_result"]
-            except AssertionError:
-                continue
-        raise AssertionError(f"the node gave no verdict on {attempts} frames in a row; last diagnostics: {self.latest_diag()}")
+def start_client(node: NodeProcess, image_qos: str = "sensor_data", compressed: bool = False) -> LocalizerClient:
+    """The project's ROS client, once ``node`` (its own map, not one still shutting down) is ready."""
+    client = LocalizerClient(image_qos=image_qos, record_tf=True, name="probe")
+    try:
+        client.wait_ready(STARTUP_TIMEOUT_S, node_alive=node.alive, hardware_id=str(node.params.get("map_path")),
+                          compressed=compressed)
+    except BaseException as exc:
+        client.close()
+        if isinstance(exc, NodeNotReady):
+            raise AssertionError(f"{exc}; node status {node.returncode}: {node.stderr()}") from exc
+        raise
+    return client
 
 
-def image_fields(rgb: np.ndarray, encoding: str = "rgb8") -> dict[str, Any]:
-    from d2s_nerf_ros.image_conversion import numpy_to_image_fields
-
-    if encoding == "bgr8":
-        rgb = np.ascontiguousarray(rgb[:, :, ::-1])
-    return numpy_to_image_fields(rgb, encoding)
+def latest_values(probe: LocalizerClient) -> dict[str, str] | None:
+    record = probe.latest_diagnostics()
+    return None if record is None else dict(record.values)
 
 
-def jpeg_fields(rgb: np.ndarray) -> dict[str, Any]:
-    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    assert ok
-    return {"format": "rgb8; jpeg compressed bgr8", "data": jpeg.tobytes()}
+def wait_counters(probe: LocalizerClient, predicate: Callable[[dict[str, int]], bool], timeout: float,
+                  what: str) -> dict[str, int]:
+    def check():
+        d = latest_values(probe)
+        if d is None:
+            return None
+        counters = {k: int(v) for k, v in d.items() if k.startswith("frames_")}
+        return counters if predicate(counters) else None
+    return probe.wait_until(check, timeout, what)
 
 
 # The bad-input nodes use the default sensor-data (best-effort) QoS; with Fast DDS's default
@@ -327,6 +201,28 @@ def test_cuda_requested_without_gpu_exits_with_one_clear_line(tmp_path: Path, ra
     assert_one_clear_line(rc, lines, "cuda", "device:=auto")
 
 
+def test_a_namespaced_node_keeps_the_parameters_of_a_root_key_file(tmp_path: Path, random_map_path: Path):
+    """config/localizer.yaml's ``/**`` key, as the launch file passes it with namespace:=robot1: the node
+    under /robot1 takes map_path and image_topic from the file."""
+    import yaml
+
+    from offline.node_process import ChildProcess, localizer_node_command
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": {
+        "map_path": str(random_map_path), "image_topic": "/robot1_camera/image", "device": "cpu",
+        "odom_frame": "", "base_frame": "", "max_keypoints": 256}}}))
+    command = localizer_node_command({})[:-1] + ["--ros-args", "-r", "__ns:=/robot1", "--params-file", str(params_file)]
+    node = ChildProcess(command, tmp_path / "ns.stdout", tmp_path / "ns.stderr", cwd=REPO_ROOT)
+    probe = LocalizerClient(image_topic="/robot1_camera/image", pose_topic="/robot1/localizer/pose", name="probe")
+    try:
+        probe.wait_ready(STARTUP_TIMEOUT_S, node_alive=node.alive, hardware_id=str(random_map_path))
+    finally:
+        probe.close()
+        rc = node.stop()
+    assert rc == 0, (tmp_path / "ns.stderr").read_text()
+
+
 # ----------------------------------------------------------------------------- bad input, raw images
 
 
@@ -337,8 +233,7 @@ def raw_node(tmp_path_factory, random_map_path: Path):
                                  "device": "cpu"})
     probe = None
     try:
-        probe = Probe()
-        probe.wait_ready(node)
+        probe = start_client(node)
         yield node, probe
         assert node.alive(), f"the node died: {node.stderr()}"
     finally:
@@ -352,7 +247,7 @@ def raw_node(tmp_path_factory, random_map_path: Path):
 GOOD_RGB = textured_image(W, H)
 
 
-def assert_next_good_frame_goes_through(probe: Probe) -> None:
+def assert_next_good_frame_goes_through(probe: LocalizerClient) -> None:
     probe.send_info(info_fields())
     time.sleep(0.2)  # the node uses the newest CameraInfo; let it land before the image
     result = probe.frame_result(image_fields(GOOD_RGB))
@@ -367,14 +262,13 @@ class TestBadRawInput:
 
     def test_image_before_any_camera_info_is_reported(self, raw_node):
         node, probe = raw_node
-        before = probe.wait_counters(lambda c: True, 10, "diagnostics")
+        before = wait_counters(probe, lambda c: True, 10, "diagnostics")
         result = probe.frame_result(image_fields(GOOD_RGB))
         assert result.startswith("no CameraInfo received on /camera/camera_info"), result
-        after = probe.wait_counters(lambda c: c["frames_failed"] > before["frames_failed"], 10, "the failure counted")
+        after = wait_counters(probe, lambda c: c["frames_failed"] > before["frames_failed"], 10, "the failure counted")
         assert after["frames_localized"] == before["frames_localized"]
-        assert probe.latest_diag()["last_failure_reason"] == result
-        with probe.lock:
-            assert probe.diagnostics[-1][0] in (1, 2)  # WARN or ERROR, not OK
+        assert latest_values(probe)["last_failure_reason"] == result
+        assert probe.latest_diagnostics().level in (1, 2)  # WARN or ERROR, not OK
         assert_next_good_frame_goes_through(probe)
 
 
@@ -437,15 +331,15 @@ class TestBadRawInput:
         node, probe = raw_node
         probe.send_info(info_fields())
         assert went_through_localizer(probe.frame_result(image_fields(GOOD_RGB)))
-        before = probe.wait_counters(lambda c: True, 10, "diagnostics")
+        before = wait_counters(probe, lambda c: True, 10, "diagnostics")
         fields = image_fields(GOOD_RGB)
         t0 = time.monotonic()
         for _ in range(200):
             probe.send_image(fields)
         burst_s = time.monotonic() - t0
         # Settled: everything the node received is either processed or counted as dropped.
-        after = probe.wait_counters(
-            lambda c: c["frames_received"] > before["frames_received"]
+        after = wait_counters(
+            probe, lambda c: c["frames_received"] > before["frames_received"]
             and c["frames_processed"] - before["frames_processed"] + c["frames_dropped"] - before["frames_dropped"]
             == c["frames_received"] - before["frames_received"],
             60, "the burst to settle")
@@ -464,17 +358,36 @@ class TestBadRawInput:
 
     def test_diagnostics_report_rates_latency_and_reasons(self, raw_node, random_map_path: Path):
         node, probe = raw_node
-        d = probe.wait_until(probe.latest_diag, 10, "diagnostics")
+        d = probe.wait_until(lambda: latest_values(probe), 10, "diagnostics")
         for key in ("rate_hz", "latency_ms_p50", "processing_ms_p50", "inliers", "frames_dropped", "last_failure_reason",
-                    "consecutive_failures", "device"):
+                    "consecutive_failures", "device", "image_rate_hz", "camera_info_rate_hz"):
             assert key in d, key
         assert d["device"] == "cpu"
         assert float(d["processing_ms_p50"]) > 0
         # A random map never localises: every frame failed, so the status cannot be OK.
-        with probe.lock:
-            level, values, status = probe.diagnostics[-1]
-        assert level in (1, 2) and values["frames_localized"] == "0"
+        status = probe.latest_diagnostics()
+        assert status.level in (1, 2) and status.values["frames_localized"] == "0"
         assert status.hardware_id == str(random_map_path)
+
+    def test_images_lost_in_transport_are_reported_with_the_fix(self, raw_node):
+        """CameraInfo keeps arriving, images do not: what the node sees when a driver's raw frames do
+        not fit the DDS transport. Diagnostics WARN, compare the two rates and name the fix."""
+        node, probe = raw_node
+        deadline = time.monotonic() + 30.0
+        record = None
+        while time.monotonic() < deadline:
+            probe.send_info(info_fields())
+            time.sleep(0.1)
+            latest = probe.latest_diagnostics()
+            if latest is not None and "lost in transport" in latest.message:
+                record = latest
+                break
+        assert record is not None, f"no frame-loss warning; last diagnostics: {probe.latest_diagnostics()}"
+        assert record.level == 1, record  # WARN
+        assert "FASTDDS_DEFAULT_PROFILES_FILE" in record.message and "camera driver" in record.message
+        assert float(record.values["camera_info_rate_hz"]) > 2 * float(record.values["image_rate_hz"])
+        # Frames arriving again clear it: every frame goes through, and the status is about frames again.
+        assert_next_good_frame_goes_through(probe)
 
 
 # ----------------------------------------------------------------------------- bad input, compressed images
@@ -485,8 +398,7 @@ def test_compressed_transport_and_undecodable_images(tmp_path: Path, random_map_
                                   "ransac_iterations": 200, "device": "cpu"})
     probe = None
     try:
-        probe = Probe()
-        probe.wait_ready(node, use_compressed=True)
+        probe = start_client(node, compressed=True)
         probe.send_info(info_fields())
         time.sleep(0.2)
         assert went_through_localizer(probe.frame_result(jpeg_fields(GOOD_RGB), compressed=True))
@@ -563,6 +475,12 @@ def overfit_map(path: Path, frames: list, iterations: int = 600, threads: int = 
         optimiser.step()
     print(f"overfit: mean coordinate error {coordinate_loss.item():.3f} m after {iterations} steps")
     bundle = MapBundle.create(model.eval(), extractor=extractor.config(), camera=frames[0].camera)
+    # The labelled points, as the build writes them (the node shows them on ~/map_points).
+    from safetensors.numpy import save as save_safetensors
+
+    bundle.add_file("map_points.safetensors", save_safetensors(
+        {f"{i}.points3D": t.astype(np.float32) for i, t in enumerate(targets)}
+        | {f"{i}.valid": v.astype(np.uint8) for i, v in enumerate(valids)}))
     return bundle.save(path)
 
 
@@ -581,23 +499,18 @@ def overfit_map_path(tmp_path_factory, redkitchen_frames: list) -> Path:
     return path
 
 
-def start_node_with_probe(log_dir: Path, params: dict[str, Any], use_compressed: bool = False) -> tuple[NodeProcess, Probe]:
+def start_node_with_probe(log_dir: Path, params: dict[str, Any], use_compressed: bool = False
+                          ) -> tuple[NodeProcess, LocalizerClient]:
     node = NodeProcess(log_dir, params)
     try:
-        probe = Probe()
+        probe = start_client(node, params.get("image_qos", "sensor_data"), compressed=use_compressed)
     except BaseException:
-        node.stop()
-        raise
-    try:
-        probe.wait_ready(node, use_compressed=use_compressed)
-    except BaseException:
-        probe.close()
         node.stop()
         raise
     return node, probe
 
 
-def stop_node_and_probe(node: NodeProcess, probe: Probe) -> int | None:
+def stop_node_and_probe(node: NodeProcess, probe: LocalizerClient) -> int | None:
     try:
         probe.close()
     finally:
@@ -611,21 +524,15 @@ def localising_params(map_path: Path, **extra: Any) -> dict[str, Any]:
     return {"map_path": str(map_path), "device": "cpu", "image_qos": "reliable", "max_keypoints": 400, **extra}
 
 
-def wait_pose(probe: Probe, stamp_ns: int, timeout: float = FRAME_TIMEOUT_S) -> Any:
+def wait_pose(probe: LocalizerClient, stamp_ns: int, timeout: float = FRAME_TIMEOUT_S) -> Any:
+    return probe.wait_until(lambda: probe.pose(stamp_ns), timeout, f"a pose stamped {stamp_ns}").msg
+
+
+def wait_tf(probe: LocalizerClient, child: str, stamp_ns: int, timeout: float = FRAME_TIMEOUT_S) -> Any:
     from d2s_nerf_ros.tf_math import stamp_to_ns
 
     def find():
-        with probe.lock:
-            return next((p for p in probe.poses if stamp_to_ns(p.header.stamp) == stamp_ns), None)
-    return probe.wait_until(find, timeout, f"a pose stamped {stamp_ns}")
-
-
-def wait_tf(probe: Probe, child: str, stamp_ns: int, timeout: float = FRAME_TIMEOUT_S) -> Any:
-    from d2s_nerf_ros.tf_math import stamp_to_ns
-
-    def find():
-        with probe.lock:
-            return next((t for t in probe.tf if t.child_frame_id == child and stamp_to_ns(t.header.stamp) == stamp_ns), None)
+        return next((t for t in probe.transforms if t.child_frame_id == child and stamp_to_ns(t.header.stamp) == stamp_ns), None)
     return probe.wait_until(find, timeout, f"a TF to {child} stamped {stamp_ns}")
 
 
@@ -638,7 +545,9 @@ def test_pose_tf_and_diagnostics_with_a_map_that_localizes(tmp_path: Path, overf
     from d2s_nerf_ros.tf_math import pose_from_msg, stamp_to_ns, transform_from_msg
     from offline.replay import camera_info_fields
 
-    node, probe = start_node_with_probe(tmp_path, localising_params(overfit_map_path))
+    # The camera's pose and TF map -> camera (opted in), as a camera without a robot would use.
+    node, probe = start_node_with_probe(tmp_path, localising_params(
+        overfit_map_path, odom_frame="", base_frame="", allow_tf_without_odom=True, transform_tolerance=0.1))
     try:
         probe.send_info(camera_info_fields(redkitchen_frames[0].camera))
         time.sleep(0.2)
@@ -659,10 +568,10 @@ def test_pose_tf_and_diagnostics_with_a_map_that_localizes(tmp_path: Path, overf
             assert tf.header.frame_id == "map"
             np.testing.assert_allclose(transform_from_msg(tf.transform), T, atol=1e-9)
         assert not np.allclose(covariances[0], covariances[1]), "the covariance must come from each solution"
-        d = probe.wait_counters(lambda c: c["frames_localized"] >= len(redkitchen_frames), 10, "localized frames counted")
-        with probe.lock:
-            level, values, status = probe.diagnostics[-1]
-        assert level == 0, status.message  # OK
+        d = wait_counters(probe, lambda c: c["frames_localized"] >= len(redkitchen_frames), 10, "localized frames counted")
+        status = probe.latest_diagnostics()
+        assert status.level == 0, status.message  # OK
+        values = status.values
         assert int(values["inliers"]) >= 15 and float(values["latency_ms_p50"]) > 0
         assert d["frames_failed"] == 0
     finally:
@@ -670,71 +579,266 @@ def test_pose_tf_and_diagnostics_with_a_map_that_localizes(tmp_path: Path, overf
     assert rc == 0
 
 
-def test_map_to_odom_follows_rep105_with_the_robot_base(tmp_path: Path, overfit_map_path: Path, redkitchen_frames: list):
-    """odom_frame + base_frame: pose of base_link in map, TF map -> odom from odom -> base_link -> camera."""
+def tf_msg(parent: str, child: str, T: np.ndarray, stamp_ns: int) -> Any:
     from geometry_msgs.msg import TransformStamped
+
+    from d2s_nerf_ros.tf_math import ns_to_stamp_fields, transform_to_msg_fields
+
+    t = TransformStamped()
+    ns_to_stamp_fields(stamp_ns, t.header.stamp)
+    t.header.frame_id, t.child_frame_id = parent, child
+    transform_to_msg_fields(T, t.transform)
+    return t
+
+
+# base_link -> camera optical frame: 20 cm forward, 30 cm up, z forward / x right / y down.
+T_BASE_CAM = np.array([[0, 0, 1, 0.2], [-1, 0, 0, 0.0], [0, -1, 0, 0.3], [0, 0, 0, 1]], dtype=float)
+
+
+def test_rep105_only_map_to_odom_at_the_timer_rate_gated_by_odometry(tmp_path: Path, overfit_map_path: Path,
+                                                                     redkitchen_frames: list):
+    """The shipped defaults (odom_frame odom, base_frame base_link) with a published odom -> base_link -> camera
+    chain: the pose is base_link's; the node sends map -> odom and nothing else, re-sent by its timer stamped
+    now + transform_tolerance; no pose before two agreeing frames; a frame that jumps against odometry is rejected."""
     from tf2_msgs.msg import TFMessage
 
     from d2s_nerf_ros.geometry import invert_pose, make_pose, matrix_from_rotvec, pose_error
-    from d2s_nerf_ros.tf_math import ns_to_stamp_fields, pose_from_msg, transform_from_msg, transform_to_msg_fields
+    from d2s_nerf_ros.node import PARAMETER_DEFAULTS
+    from d2s_nerf_ros.tf_math import pose_from_msg, stamp_to_ns, transform_from_msg
     from offline.replay import camera_info_fields
 
+    assert (PARAMETER_DEFAULTS["odom_frame"], PARAMETER_DEFAULTS["base_frame"]) == ("odom", "base_link")
     T_map_odom_true = make_pose(matrix_from_rotvec([0.0, 0.0, math.radians(20)]), [0.5, -0.3, 0.1])
-    # base_link -> camera optical frame: 20 cm forward, 30 cm up, z forward / x right / y down.
-    T_base_cam = make_pose(np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], dtype=float), [0.2, 0.0, 0.3])
-
-    def transform(parent: str, child: str, T: np.ndarray, stamp_ns: int) -> TransformStamped:
-        t = TransformStamped()
-        ns_to_stamp_fields(stamp_ns, t.header.stamp)
-        t.header.frame_id, t.child_frame_id = parent, child
-        transform_to_msg_fields(T, t.transform)
-        return t
-
-    node, probe = start_node_with_probe(
-        tmp_path, localising_params(overfit_map_path, odom_frame="odom", base_frame="base_link", transform_timeout=0.5))
+    node, probe = start_node_with_probe(tmp_path, localising_params(overfit_map_path, transform_timeout=0.5))
     try:
-        probe.tf_static_pub.publish(TFMessage(transforms=[transform("base_link", CAMERA_FRAME, T_base_cam, 0)]))
+        probe.tf_static_pub.publish(TFMessage(transforms=[tf_msg("base_link", CAMERA_FRAME, T_BASE_CAM, 0)]))
         probe.send_info(camera_info_fields(redkitchen_frames[0].camera))
         time.sleep(0.3)
-        frame = redkitchen_frames[0]
-        T_map_base_true = frame.T_world_cam @ invert_pose(T_base_cam)
-        T_odom_base = invert_pose(T_map_odom_true) @ T_map_base_true
-        stamp = probe.next_stamp()
-        # Odometry around the image time (the robot stands still).
-        probe.tf_pub.publish(TFMessage(transforms=[transform("odom", "base_link", T_odom_base, stamp - 50_000_000),
-                                                   transform("odom", "base_link", T_odom_base, stamp + 50_000_000)]))
-        time.sleep(0.2)
-        probe.send_image(image_fields(frame.load_rgb()), stamp_ns=stamp)
 
-        pose = wait_pose(probe, stamp)
+        def send_frame(frame, odom_error: np.ndarray | None = None) -> int:
+            """The frame's image with odometry around its stamp; ``odom_error`` corrupts what odometry says."""
+            T_odom_base = invert_pose(T_map_odom_true) @ frame.T_world_cam @ invert_pose(T_BASE_CAM)
+            if odom_error is not None:
+                T_odom_base = odom_error @ T_odom_base
+            stamp = probe.next_stamp()
+            probe.tf_pub.publish(TFMessage(transforms=[tf_msg("odom", "base_link", T_odom_base, stamp - 50_000_000),
+                                                       tf_msg("odom", "base_link", T_odom_base, stamp + 50_000_000)]))
+            time.sleep(0.2)
+            return probe.send_image(image_fields(frame.load_rgb()), stamp_ns=stamp)
+
+        first = send_frame(redkitchen_frames[0])
+        verdict = probe.wait_verdict(first, FRAME_TIMEOUT_S)
+        assert verdict.values["last_frame_result"].startswith("rejected: waiting for 2 agreeing frames"), verdict
+        assert probe.pose(first) is None
+        with probe.lock:
+            assert not any(t.child_frame_id == "odom" for t in probe.transforms), "map -> odom before the gate locked"
+
+        second = send_frame(redkitchen_frames[1])
+        pose = wait_pose(probe, second)
+        T_map_base_true = redkitchen_frames[1].T_world_cam @ invert_pose(T_BASE_CAM)
         dt, dr = pose_error(pose_from_msg(pose.pose.pose), T_map_base_true)
         assert dt < 0.15 and dr < 5.0, (dt, dr)  # the base pose: camera error plus the lever arm
-        tf = wait_tf(probe, "odom", stamp + 100_000_000)
-        assert tf.header.frame_id == "map"
+        tf = probe.wait_until(lambda: next((t for t in reversed(probe.transforms) if t.child_frame_id == "odom"), None),
+                              10, "map -> odom")
         dt, dr = pose_error(transform_from_msg(tf.transform), T_map_odom_true)
         assert dt < 0.15 and dr < 5.0, (dt, dr)
-        T_sent = transform_from_msg(tf.transform)
 
-        # A frame that fails keeps map -> odom alive: the last estimate is re-sent with its stamp.
-        bad = probe.send_image({"height": 480, "width": 640, "encoding": "rgb8", "step": 1920, "data": b"\x00" * 10})
-        tf_again = wait_tf(probe, "odom", bad + 100_000_000)
-        np.testing.assert_allclose(transform_from_msg(tf_again.transform), T_sent, atol=1e-12)
+        # The timer: map -> odom keeps coming without new frames, stamped now + transform_tolerance (1 s).
         with probe.lock:
-            assert not any(p.header.stamp.sec * 10**9 + p.header.stamp.nanosec == bad for p in probe.poses)
+            n0 = len(probe.transforms)
+        time.sleep(3.0)
+        with probe.lock:
+            window = list(probe.transforms)[n0:]
+        received_ns = time.time_ns()
+        odom_tfs = [t for t in window if t.child_frame_id == "odom"]
+        assert len(odom_tfs) >= 20, f"{len(odom_tfs)} map -> odom in 3 s (tf_publish_rate 20 Hz)"
+        newest = stamp_to_ns(odom_tfs[-1].header.stamp)
+        assert 0.5e9 < newest - second < 20e9 and newest > received_ns, "stamped send time + 1 s, not image time"
+        # Never a second parent: the node's TF is map -> odom only.
+        assert {(t.header.frame_id, t.child_frame_id) for t in window} == {("map", "odom")}
+
+        # Odometry says the robot is 1 m from where the image puts it: rejected, map -> odom kept.
+        jumped = send_frame(redkitchen_frames[0], odom_error=make_pose(np.eye(3), [1.0, 0.0, 0.0]))
+        verdict = probe.wait_verdict(jumped, FRAME_TIMEOUT_S)
+        assert verdict.values["last_frame_result"].startswith("rejected: implausible jump against odometry"), verdict
+        assert probe.pose(jumped) is None
+        time.sleep(0.5)
+        with probe.lock:
+            latest = next(t for t in reversed(probe.transforms) if t.child_frame_id == "odom")
+        np.testing.assert_allclose(transform_from_msg(latest.transform), transform_from_msg(tf.transform), atol=1e-9)
     finally:
         rc = stop_node_and_probe(node, probe)
     assert rc == 0
+
+
+def test_tf_without_odom_is_opt_in_and_refused_when_the_frame_has_a_parent(tmp_path: Path, overfit_map_path: Path,
+                                                                           redkitchen_frames: list):
+    """odom_frame '' + allow_tf_without_odom: map -> camera, unless the camera already has a parent on /tf_static."""
+    from tf2_msgs.msg import TFMessage
+
+    from offline.replay import camera_info_fields
+
+    params = localising_params(overfit_map_path, odom_frame="", base_frame="", allow_tf_without_odom=True)
+    node, probe = start_node_with_probe(tmp_path, params)
+    try:
+        probe.send_info(camera_info_fields(redkitchen_frames[0].camera))
+        time.sleep(0.2)
+        stamp = probe.send_image(image_fields(redkitchen_frames[0].load_rgb()))
+        wait_pose(probe, stamp)
+        wait_tf(probe, CAMERA_FRAME, stamp + 1_000_000_000)  # opted in: map -> camera, image stamp + tolerance
+
+        probe.tf_static_pub.publish(TFMessage(transforms=[tf_msg("base_link", CAMERA_FRAME, T_BASE_CAM, 0)]))
+        time.sleep(0.5)
+        stamp = probe.send_image(image_fields(redkitchen_frames[1].load_rgb()))
+        wait_pose(probe, stamp)  # the pose still goes out on ~/pose
+        record = probe.wait_until(lambda: (lambda d: d if d and d.level == 2 else None)(probe.latest_diagnostics()),
+                                  10, "an ERROR diagnostic")
+        assert record.message.startswith(f"refusing to publish map -> {CAMERA_FRAME}: {CAMERA_FRAME} already has the parent base_link")
+        time.sleep(0.5)
+        with probe.lock:
+            assert not any(t.child_frame_id == CAMERA_FRAME and stamp_of(t) == stamp + 1_000_000_000 for t in probe.transforms)
+    finally:
+        rc = stop_node_and_probe(node, probe)
+    assert rc == 0
+    assert "refusing to publish map -> camera" in node.stderr() + node.stdout_path.read_text(errors="replace")
+
+
+def call_service(probe: LocalizerClient, srv_type: Any, name: str, request: Any, timeout: float = 60.0) -> Any:
+    client = probe.node.create_client(srv_type, name)
+    try:
+        assert client.wait_for_service(timeout_sec=timeout), f"no service {name}"
+        future = client.call_async(request)
+        probe.wait_until(future.done, timeout, f"the answer of {name}")
+        return future.result()
+    finally:
+        probe.node.destroy_client(client)
+
+
+def test_lifecycle_transitions_through_lifecycle_msgs_services(tmp_path: Path, overfit_map_path: Path):
+    """autostart false: the node waits unconfigured; configure loads the map, activate opens the topics
+    (and sends ~/map_points once, transient_local), deactivate closes them, cleanup drops the map."""
+    from lifecycle_msgs.msg import State, Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import PointCloud2
+
+    node = NodeProcess(tmp_path, localising_params(overfit_map_path, autostart=False))
+    probe = LocalizerClient(image_qos="reliable", name="probe")
+    clouds: list[Any] = []
+    try:
+        probe.node.create_subscription(PointCloud2, "/localizer/map_points", clouds.append, QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+
+        def state() -> int:
+            return call_service(probe, GetState, "/localizer/get_state", GetState.Request()).current_state.id
+
+        def change(transition: int) -> bool:
+            return call_service(probe, ChangeState, "/localizer/change_state",
+                                ChangeState.Request(transition=Transition(id=transition))).success
+
+        assert state() == State.PRIMARY_STATE_UNCONFIGURED
+        assert probe.image_publisher().get_subscription_count() == 0
+        assert change(Transition.TRANSITION_CONFIGURE) and state() == State.PRIMARY_STATE_INACTIVE
+        assert probe.image_publisher().get_subscription_count() == 0, "inactive: no subscriptions yet"
+        assert change(Transition.TRANSITION_ACTIVATE) and state() == State.PRIMARY_STATE_ACTIVE
+        probe.wait_ready(STARTUP_TIMEOUT_S, node_alive=node.alive, hardware_id=str(overfit_map_path))
+        cloud = probe.wait_until(lambda: clouds[0] if clouds else None, 30, "~/map_points")
+        assert cloud.header.frame_id == "map" and cloud.width > 100 and cloud.point_step == 12
+        xyz = np.frombuffer(bytes(cloud.data), dtype=np.float32).reshape(-1, 3)
+        assert np.all(np.isfinite(xyz)) and 0.5 < np.ptp(xyz, axis=0).max() < 20  # a kitchen, in metres
+        assert change(Transition.TRANSITION_DEACTIVATE) and state() == State.PRIMARY_STATE_INACTIVE
+        probe.wait_until(lambda: probe.image_publisher().get_subscription_count() == 0, 30, "the image subscription to go")
+        assert change(Transition.TRANSITION_CLEANUP) and state() == State.PRIMARY_STATE_UNCONFIGURED
+        assert node.alive()
+    finally:
+        probe.close()
+        rc = node.stop()
+        print(node.stderr()[-3000:])
+    assert rc == 0
+
+
+def test_on_demand_relocalize_sends_initial_pose(tmp_path: Path, overfit_map_path: Path, redkitchen_frames: list):
+    """mode on_demand: frames are not localised until ~/relocalize asks; the request answers with the
+    pose it accepted, which also goes to /initialpose (base_link, for AMCL) and stays on the
+    transient_local ~/pose for late subscribers; with no frames the request times out and says why."""
+    import threading
+
+    from geometry_msgs.msg import PoseWithCovarianceStamped
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from std_srvs.srv import Trigger
+    from tf2_msgs.msg import TFMessage
+
+    from d2s_nerf_ros.geometry import invert_pose, pose_error
+    from d2s_nerf_ros.tf_math import pose_from_msg
+    from offline.replay import camera_info_fields
+
+    params = localising_params(overfit_map_path, mode="on_demand", odom_frame="", base_frame="base_link",
+                               publish_initial_pose=True, pose_durability="transient_local", relocalize_timeout=3.0,
+                               transform_timeout=0.5)
+    node, probe = start_node_with_probe(tmp_path, params)
+    initial: list[Any] = []
+    stop = threading.Event()
+    try:
+        probe.node.create_subscription(PoseWithCovarianceStamped, "/initialpose", initial.append, 10)
+        probe.tf_static_pub.publish(TFMessage(transforms=[tf_msg("base_link", CAMERA_FRAME, T_BASE_CAM, 0)]))
+        probe.send_info(camera_info_fields(redkitchen_frames[0].camera))
+        frame = redkitchen_frames[0]
+        image = image_fields(frame.load_rgb())
+
+        def stream() -> None:
+            while not stop.is_set():
+                probe.send_image(image)
+                stop.wait(0.5)
+        sender = threading.Thread(target=stream, daemon=True)
+        sender.start()
+        wait_counters(probe, lambda c: c["frames_idle"] >= 3, 30, "idle frames")
+        assert not probe.poses, "on_demand: no pose without a request"
+
+        answer = call_service(probe, Trigger, "/localizer/relocalize", Trigger.Request())
+        assert answer.success, answer.message
+        assert answer.message.startswith("localized: base_link at ("), answer.message
+        seed = probe.wait_until(lambda: initial[0] if initial else None, 10, "/initialpose")
+        assert seed.header.frame_id == "map"
+        T_map_base_true = frame.T_world_cam @ invert_pose(T_BASE_CAM)
+        dt, dr = pose_error(pose_from_msg(seed.pose.pose), T_map_base_true)
+        assert dt < 0.15 and dr < 5.0, (dt, dr)
+        stop.set()
+        sender.join()
+        time.sleep(2.0)
+        assert len(initial) == 1, "one /initialpose per request, not one per frame"
+        n_poses = len(probe.poses)
+
+        # transient_local ~/pose: a subscriber that comes later still gets the last pose.
+        late: list[Any] = []
+        probe.node.create_subscription(PoseWithCovarianceStamped, "/localizer/pose", late.append, QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        probe.wait_until(lambda: late, 10, "the last pose for a late subscriber")
+
+        answer = call_service(probe, Trigger, "/localizer/relocalize", Trigger.Request())
+        assert not answer.success and answer.message.startswith("no pose accepted in 3 s"), answer.message
+        assert len(probe.poses) == n_poses
+    finally:
+        stop.set()
+        rc = stop_node_and_probe(node, probe)
+    assert rc == 0
+
+
+def stamp_of(t: Any) -> int:
+    from d2s_nerf_ros.tf_math import stamp_to_ns
+
+    return stamp_to_ns(t.header.stamp)
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["raw", "compressed"])
 def test_replay_tool_scores_the_node(tmp_path: Path, overfit_map_path: Path, redkitchen_frames: list, compressed: bool):
     from offline.replay import replay
 
-    params = localising_params(overfit_map_path, use_compressed=compressed)
+    params = localising_params(overfit_map_path, use_compressed=compressed, odom_frame="", base_frame="")
     node, probe = start_node_with_probe(tmp_path, params, use_compressed=compressed)
     try:
         out = tmp_path / "replay"
-        result = replay(redkitchen_frames * 2, out, rate_hz=2.0, compressed=compressed, timeout_s=30.0)
+        result = replay(redkitchen_frames * 2, out, rate_hz=2.0, compressed=compressed, timeout_s=30.0,
+                        image_qos="reliable")
         assert node.alive()
     finally:
         rc = stop_node_and_probe(node, probe)
@@ -750,6 +854,28 @@ def test_replay_tool_scores_the_node(tmp_path: Path, overfit_map_path: Path, red
     assert result["dropped"] is not None and result["dropped"] >= 0
     assert result["n_received_by_node"] == n
     assert result["topics"]["image"] == ("/camera/image_raw/compressed" if compressed else "/camera/image_raw")
+
+
+def test_readme_example_raw_frames_best_effort_at_1hz(tmp_path: Path, overfit_map_path: Path, redkitchen_frames: list):
+    """The README's example: the node with its default transport settings (image_qos sensor_data,
+    best effort), then ``d2s-nerf replay --rate 1`` sending raw 640x480 rgb8 frames best effort, as a
+    camera driver does. Both sides have the package's Fast DDS profile (the replay command, the launch
+    file and ``LocalizerNodeProcess`` export it); without it most such frames never arrive."""
+    from offline.replay import replay
+
+    assert os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE", "").endswith("fastdds_shm_large.xml")
+    # The camera's pose (no robot TF to look up): README `-p odom_frame:='' -p base_frame:=''`.
+    node, probe = start_node_with_probe(tmp_path, {"map_path": str(overfit_map_path), "device": "cpu",
+                                                   "odom_frame": "", "base_frame": ""})
+    try:
+        result = replay(redkitchen_frames * 5, tmp_path / "replay", rate_hz=1.0, timeout_s=30.0)
+    finally:
+        rc = stop_node_and_probe(node, probe)
+    assert rc == 0
+    assert result["image_qos"] == "sensor_data"
+    print({k: v for k, v in result.items() if k != "frames"})
+    assert result["n_poses"] >= 0.9 * result["n_sent"], result
+    assert result["median_translation_m"] < 0.10
 
 
 def test_replay_without_a_node_says_so(tmp_path: Path, redkitchen_frames: list):
@@ -827,9 +953,10 @@ def test_held_out_frames_localize_through_the_node(tmp_path: Path, built_redkitc
     frames = [f for f in load_sevenscenes(redkitchen_dir).frames if f.name not in mapping]
     queries = frames[5::len(frames) // 10][:10]
     node, probe = start_node_with_probe(tmp_path, {"map_path": str(built_redkitchen_map), "device": "cpu",
+                                                   "odom_frame": "", "base_frame": "",
                                                    "image_qos": "reliable"})
     try:
-        result = replay(queries, tmp_path / "replay", rate_hz=0.5, timeout_s=60.0)
+        result = replay(queries, tmp_path / "replay", rate_hz=0.5, timeout_s=60.0, image_qos="reliable")
     finally:
         rc = stop_node_and_probe(node, probe)
     print(json.dumps({k: v for k, v in result.items() if k != "frames"}, indent=1))

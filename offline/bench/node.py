@@ -48,150 +48,26 @@ class NodeUnderTest(LocalizerNodeProcess):
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
-class FrameDriver:
-    """Our own ROS node (separate rclpy context): sends image + CameraInfo pairs to the localizer one at
-    a time and waits for its answer before the next, so the node is never backlogged and every frame
-    goes through the whole processing path. Poses are matched to frames by stamp (the replay tool's
-    collector); a frame the node failed on is recognised from its diagnostics (``last_frame_stamp_ns``)."""
-
-    def __init__(self, image_topic: str = "/camera/image_raw", camera_info_topic: str = "/camera/camera_info",
-                 pose_topic: str = "/localizer/pose") -> None:
-        import threading
-
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from geometry_msgs.msg import PoseWithCovarianceStamped
-        from rclpy.context import Context
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
-        from sensor_msgs.msg import CameraInfo, Image
-
-        from d2s_nerf_ros.node import DIAGNOSTIC_NAME
-        from offline.replay import PoseCollector
-
-        class Collector(PoseCollector):
-            """The replay tool's collector, waking the sender as soon as anything arrives."""
-
-            def __init__(self) -> None:
-                super().__init__(DIAGNOSTIC_NAME)
-                self.lock = threading.Condition()  # usable as the lock the base class takes
-
-            def on_pose(self, msg) -> None:
-                super().on_pose(msg)
-                with self.lock:
-                    self.lock.notify_all()
-
-            def on_diagnostics(self, msg) -> None:
-                super().on_diagnostics(msg)
-                with self.lock:
-                    self.lock.notify_all()
-
-        self.collector = Collector()
-        self.context = Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node(f"d2s_bench_{os.getpid()}", context=self.context)
-        reliable = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
-        self.image_pub = self.node.create_publisher(Image, image_topic, reliable)
-        self.info_pub = self.node.create_publisher(CameraInfo, camera_info_topic, reliable)
-        self.pose_sub = self.node.create_subscription(PoseWithCovarianceStamped, pose_topic, self.collector.on_pose, 50)
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self.collector.on_diagnostics, 10)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, name="bench-spin", daemon=True)
-        self.thread.start()
-        self._last_stamp = 0
-
-    def close(self) -> None:
-        import rclpy
-
-        self.executor.shutdown(timeout_sec=1.0)
-        self.thread.join(timeout=5.0)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
-
-    def wait_ready(self, node: NodeUnderTest, timeout_s: float = NODE_READY_TIMEOUT_S) -> None:
-        """Until the node (loaded and warmed up) subscribes to our topics, publishes poses and diagnostics."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if not node.alive():
-                raise RuntimeError(f"the localizer node exited with status {node.returncode}:\n{node.log_tail()}")
-            with self.collector.lock:
-                diagnostics = self.collector.diagnostics
-            if (diagnostics is not None and self.image_pub.get_subscription_count() > 0
-                    and self.info_pub.get_subscription_count() > 0 and self.pose_sub.get_publisher_count() > 0):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the localizer node was not ready after {timeout_s:.0f} s:\n{node.log_tail()}")
-            time.sleep(0.1)
-
-    def counters(self) -> dict[str, int]:
-        keys = ("frames_received", "frames_processed", "frames_localized", "frames_failed", "frames_dropped")
-        return {k: self.collector.counter(k) for k in keys}
-
-    def diagnostics(self) -> dict[str, str]:
-        with self.collector.lock:
-            return dict(self.collector.diagnostics or {})
-
-    def send(self, image_msg, info_msg) -> int:
-        """Stamp both messages with the wall clock now (unique), publish CameraInfo then the image; returns the stamp."""
-        from d2s_nerf_ros.tf_math import ns_to_stamp_fields
-
-        stamp_ns = max(time.time_ns(), self._last_stamp + 1)  # unique: answers are matched by stamp
-        self._last_stamp = stamp_ns
-        for msg in (info_msg, image_msg):
-            ns_to_stamp_fields(stamp_ns, msg.header.stamp)
-            msg.header.frame_id = "camera"
-        self.info_pub.publish(info_msg)
-        self.image_pub.publish(image_msg)
-        return stamp_ns
-
-    def prime_camera_info(self, info_msg) -> None:
-        """The node uses the newest CameraInfo: give it one before the first image races it."""
-        from d2s_nerf_ros.tf_math import ns_to_stamp_fields
-
-        ns_to_stamp_fields(time.time_ns(), info_msg.header.stamp)
-        info_msg.header.frame_id = "camera"
-        self.info_pub.publish(info_msg)
-        time.sleep(0.3)
-
-    def wait_answer(self, stamp_ns: int, timeout_s: float) -> tuple[str, int | None]:
-        """("pose", received ns) | ("failed", None) when diagnostics name this frame without a pose
-        (after a short grace for a pose still in flight) | ("timeout", None)."""
-        deadline = time.monotonic() + timeout_s
-        grace_until = None
-        c = self.collector
-        with c.lock:
-            while True:
-                if stamp_ns in c.poses:
-                    return "pose", c.poses[stamp_ns][1]
-                d = c.diagnostics or {}
-                if d.get("last_frame_stamp_ns") == str(stamp_ns):
-                    if d.get("last_frame_result") != "localized":
-                        return "failed", None
-                    grace_until = grace_until or time.monotonic() + 1.0  # localized: its pose is on the way
-                now = time.monotonic()
-                if now >= deadline or (grace_until is not None and now >= grace_until):
-                    return "timeout", None
-                c.lock.wait(timeout=min(deadline, grace_until or deadline) - now)
-
-    def pose(self, stamp_ns: int):
-        with self.collector.lock:
-            entry = self.collector.poses.get(stamp_ns)
-        return None if entry is None else entry[0]
-
-    def forget(self, stamp_ns: int) -> None:
-        """Drop a pose we have scored, so a long soak does not grow our own memory."""
-        with self.collector.lock:
-            self.collector.poses.pop(stamp_ns, None)
-
-
-def image_and_info_msgs(rgb, camera):
-    from sensor_msgs.msg import CameraInfo, Image
-
-    from d2s_nerf_ros.image_conversion import numpy_to_image_fields
+def image_and_info(rgb, camera) -> tuple[dict, dict]:
+    """``Image`` (rgb8) and ``CameraInfo`` fields of one frame, for ``LocalizerClient.send``."""
     from offline.replay import camera_info_fields
+    from offline.ros_client import image_fields
 
-    return Image(**numpy_to_image_fields(rgb, "rgb8")), CameraInfo(**camera_info_fields(camera))
+    return image_fields(rgb), camera_info_fields(camera)
+
+
+def start_client(node: NodeUnderTest, image_qos: str, timeout_s: float = NODE_READY_TIMEOUT_S):
+    """A ``LocalizerClient`` once ``node`` (loaded and warmed up) subscribes to its topics and sends
+    diagnostics; the node's log tail in the error when it does not."""
+    from offline.ros_client import LocalizerClient, NodeNotReady
+
+    client = LocalizerClient(image_qos=image_qos, name="d2s_bench")
+    try:
+        client.wait_ready(timeout_s, node_alive=node.alive, hardware_id=node.params["map_path"])
+    except NodeNotReady as exc:
+        client.close()
+        raise RuntimeError(f"{exc} (node status {node.returncode}):\n{node.log_tail()}") from exc
+    return client
 
 
 def bench_node_latency(args) -> None:
@@ -220,30 +96,30 @@ def bench_node_latency(args) -> None:
 
     env = ros_loopback_env()
     os.environ.update(env)
-    params = {"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": "reliable"}
+    # The camera pose (what the ground truth describes): no robot TF here.
+    params = {"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": args.image_qos, "odom_frame": "", "base_frame": ""}
     load0 = load_average()
     node = NodeUnderTest(params, runs / "node_latency_node.log", env)
     driver = None
     rows = []
     try:
         t_start = time.monotonic()
-        driver = FrameDriver()
-        driver.wait_ready(node)
+        driver = start_client(node, args.image_qos)
         startup_s = time.monotonic() - t_start
         rss_start = proc_rss_kib(node.pid)
-        driver.prime_camera_info(image_and_info_msgs(queries[0].load_rgb(), queries[0].camera)[1])
+        driver.prime_camera_info(image_and_info(queries[0].load_rgb(), queries[0].camera)[1])
         base = driver.counters()
         cpu0 = proc_cpu_s(node.pid)
         next_send = time.monotonic()
         for i, frame in enumerate(queries):
-            image_msg, info_msg = image_and_info_msgs(frame.load_rgb(), frame.camera)
+            image, info = image_and_info(frame.load_rgb(), frame.camera)
             time.sleep(max(0.0, next_send - time.monotonic()))
-            stamp = driver.send(image_msg, info_msg)
+            stamp = driver.send(image, info)
             sent_mono = time.monotonic()
             answer, received_ns = driver.wait_answer(stamp, args.answer_timeout)
             row = {"name": frame.name, "stamp_ns": stamp, "answer": answer}
             if answer == "pose":
-                t_err, r_err = pose_error(driver.pose(stamp), frame.T_world_cam)
+                t_err, r_err = pose_error(driver.pose(stamp).T, frame.T_world_cam)
                 row.update(latency_ms=(received_ns - stamp) * 1e-6, translation_error_m=t_err, rotation_error_deg=r_err)
             rows.append(row)
             print(f"  {i + 1}/{len(queries)} {frame.name}: {answer}"
@@ -254,7 +130,8 @@ def bench_node_latency(args) -> None:
         cpu_s = proc_cpu_s(node.pid) - cpu0
         rss_end = proc_rss_kib(node.pid)
         time.sleep(1.5)  # one more diagnostics message after the last frame
-        counters, diag = driver.counters(), driver.diagnostics()
+        latest = driver.latest_diagnostics()
+        counters, diag = driver.counters(), dict(latest.values) if latest else {}
     finally:
         if driver is not None:
             driver.close()
@@ -300,8 +177,8 @@ def bench_node_latency(args) -> None:
     body = f"""## ROS 2 node: end-to-end latency on this CPU ({size_text}, raw rgb8 over DDS)
 
 - Command: `{command}`
-  (node: `python -m d2s_nerf_ros.node --ros-args -p map_path:=<map> -p device:=cpu -p image_qos:=reliable`, its own process;
-  raw 640x480 rgb8 is 900 KiB, which Fast DDS's best-effort shared-memory path never delivers whole, hence the reliable QoS)
+  (node: `python -m d2s_nerf_ros.node --ros-args -p map_path:=<map> -p device:=cpu -p image_qos:={args.image_qos}`, its own process;
+  sender and node with the Fast DDS profile `config/fastdds_shm_large.xml`, whose shared-memory segment holds raw 640x480 rgb8 frames)
 - Machine: {machine()}; date {date}; 1-minute load average {load0:.1f} before, {load1:.1f} after (shared CPU: noisy);
   OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}
 - Map: `{shown_map}` ({len(mapping_names)} mapping frames); queries: every {args.query_every}th held-out frame ({len(rows)} frames).
@@ -406,13 +283,14 @@ def bench_soak(args) -> None:
     # Held-out views: half-way between the stamps the map's views were rendered at.
     scene = cached_scene(0)
     views = [demo_view((k + 0.5) * TRAJECTORY_PERIOD_S / SOAK_CYCLE_VIEWS) for k in range(SOAK_CYCLE_VIEWS)]
-    messages = [image_and_info_msgs(scene.render(T, camera)[0], camera) for T in views]
+    messages = [image_and_info(scene.render(T, camera)[0], camera) for T in views]
 
     from offline.demo import ros_loopback_env
 
     env = ros_loopback_env()
     os.environ.update(env)
-    params = {"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": "reliable"}
+    # The camera pose (what the ground truth describes): no robot TF here.
+    params = {"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": args.image_qos, "odom_frame": "", "base_frame": ""}
     sample_every = args.sample_every or max(1, args.frames // 100)
     warmup_frames = max(1, args.frames // 10)
     load0 = load_average()
@@ -424,8 +302,7 @@ def bench_soak(args) -> None:
     waiting: dict[int, int] = {}  # stamp -> view, frames that got no answer in time (a late pose still counts)
     late_poses = 0
     try:
-        driver = FrameDriver()
-        driver.wait_ready(node)
+        driver = start_client(node, args.image_qos)
         driver.prime_camera_info(messages[0][1])
         base = driver.counters()
         t0 = time.monotonic()
@@ -447,12 +324,12 @@ def bench_soak(args) -> None:
             answers[answer] += 1
             if answer == "pose":
                 latencies.append((received_ns - stamp) * 1e-6)
-                t_errs.append(pose_error(driver.pose(stamp), views[k])[0])
+                t_errs.append(pose_error(driver.pose(stamp).T, views[k])[0])
                 driver.forget(stamp)
             elif answer == "timeout":
                 waiting[stamp] = k
             for late in [s for s in waiting if driver.pose(s) is not None]:
-                t_errs.append(pose_error(driver.pose(late), views[waiting.pop(late)])[0])
+                t_errs.append(pose_error(driver.pose(late).T, views[waiting.pop(late)])[0])
                 driver.forget(late)
                 late_poses += 1
             if (i + 1) % sample_every == 0 or i + 1 == args.frames:
@@ -511,7 +388,7 @@ def bench_soak(args) -> None:
     body = f"""## ROS 2 node: {args.frames}-frame soak (memory)
 
 - Command: `{command}`
-  (node: `python -m d2s_nerf_ros.node --ros-args -p map_path:=<soak map> -p device:=cpu -p image_qos:=reliable`, its own process)
+  (node: `python -m d2s_nerf_ros.node --ros-args -p map_path:=<soak map> -p device:=cpu -p image_qos:={args.image_qos}`, its own process)
 - Machine: {machine()}; date {date}; 1-minute load average {load0:.1f} before, {load1:.1f} after (shared CPU);
   OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}
 - Map: the generated demo room (`offline/demo_scene.py`), {len(map_manifest.get('frames', []))} views rendered at {camera.width}x{camera.height} with exact depth,
@@ -550,6 +427,8 @@ def add_node_benchmark_parsers(sub) -> None:
     n.add_argument("--gap", type=float, default=0.5, help="idle seconds between the node's answer and the next frame")
     n.add_argument("--answer-timeout", type=float, default=30.0, help="seconds to wait for the node's answer to a frame")
     n.add_argument("--no-stages", action="store_true", help="skip the in-process per-stage timing pass")
+    n.add_argument("--image-qos", choices=["sensor_data", "reliable"], default="sensor_data",
+                   help="QoS of the image publisher and the node's subscription (sensor_data: best effort, as on a robot)")
     n.add_argument("--benchmarks-file", default=str(BENCH_MD), help="markdown file whose section is rewritten")
     n.set_defaults(func=bench_node_latency, parser=n)
 
@@ -563,5 +442,7 @@ def add_node_benchmark_parsers(sub) -> None:
     s.add_argument("--answer-timeout", type=float, default=10.0,
                    help="longest wait for the node's answer to a frame (less once the latency is known)")
     s.add_argument("--max-growth", type=float, default=0.05, help="allowed RSS growth after warm-up (fraction)")
+    s.add_argument("--image-qos", choices=["sensor_data", "reliable"], default="sensor_data",
+                   help="QoS of the image publisher and the node's subscription (sensor_data: best effort, as on a robot)")
     s.add_argument("--benchmarks-file", default=str(BENCH_MD), help="markdown file whose section is rewritten")
     s.set_defaults(func=bench_soak, parser=s)
