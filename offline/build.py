@@ -47,6 +47,8 @@ class BuildConfig:
     train_keypoints_per_image: int = 1024
     train_lr: float = 5e-4
     train_threads: int | None = None    # torch CPU threads while training (None: torch's default); CPU only
+    extractor_backend: str = "auto"     # how the extractor runs (auto | torch | onnxruntime); not part of the map
+    extractor_threads: int = 0          # onnxruntime threads of the extractor (0: its default)
     model_layers: int = 5               # D2S attentional message-passing layers
     model_head_dims: tuple[int, ...] = (512, 1024, 1024, 512)  # D2S regression head (the paper's)
     synthesis: bool = True
@@ -289,7 +291,8 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
     mapping.save(work_dir / "mapping_frames.json")
 
     extractor = make_extractor(config.extractor.name, max_keypoints=config.extractor.max_keypoints,
-                               device=config.device, resize_max=config.extractor.resize_max)
+                               device=config.device, resize_max=config.extractor.resize_max,
+                               backend=config.extractor_backend, num_threads=config.extractor_threads)
     feat_key = fingerprint(frames_key, extractor.config())
     feats = runner.run("features", feat_key,
                        lambda d: extract_features_stage(frames, extractor, d, progress),
