@@ -197,10 +197,10 @@ def _load_features(path: Path) -> dict[str, Any]:
 
 
 def extract_features_stage(frames: list[Frame], extractor, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    from tqdm import tqdm
+    from offline.progress import progress_bar
 
     feats = {}
-    for frame in tqdm(frames, desc="features", disable=not progress):
+    for frame in progress_bar(frames, desc="features", unit="frame", enabled=progress):
         feats[frame.name] = extractor.extract(frame.load_rgb())
     _save_features(out_dir / "features.npz", feats)
     return feats

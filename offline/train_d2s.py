@@ -386,7 +386,7 @@ def train_d2s(
 
     Each batch draws ``synthetic_ratio`` of its images from ``synthetic`` when there are any.
     """
-    from tqdm.auto import tqdm
+    from offline.progress import progress_bar
 
     if not real:
         raise ValueError("train_d2s needs at least one real labelled image")
@@ -429,8 +429,7 @@ def train_d2s(
     t0 = time.perf_counter()
     window: dict[str, torch.Tensor] = {}
     window_n = 0
-    bar = tqdm(total=config.iterations, initial=start, disable=not progress, desc="train D2S", unit="it",
-               dynamic_ncols=True)
+    bar = progress_bar(total=config.iterations, initial=start, enabled=progress, desc="train D2S", unit="it")
     completed = start
     try:
         for iteration in range(start, config.iterations):
