@@ -5,6 +5,7 @@
     .venv/bin/python scripts/benchmark.py ablation --fractions 0.04 0.02
     .venv/bin/python scripts/benchmark.py node-latency --map runs/bench/core_map   # the ROS 2 node, 640x480
     .venv/bin/python scripts/benchmark.py soak --frames 5000                      # the node's memory
+    .venv/bin/python scripts/benchmark.py d2s-inference --map runs/bench/core_map # D2S: torch vs onnxruntime
 
 Each run rewrites its own section of docs/BENCHMARKS.md (between markers) and keeps the
 raw JSON next to the maps in --runs.
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from offline.bench.ablation import ABLATION_TRAIN_ITERATIONS, ABLATION_VARIANTS, bench_ablation  # noqa: E402
 from offline.bench.common import DEFAULT_DATA, REPO  # noqa: E402
 from offline.bench.core import bench_core  # noqa: E402
+from offline.bench.inference import add_inference_parser  # noqa: E402
 from offline.bench.node import add_node_benchmark_parsers  # noqa: E402
 
 
@@ -68,6 +70,7 @@ def main() -> None:
                    help="write the section from the summaries a previous run saved in --runs")
     a.set_defaults(func=bench_ablation)
     add_node_benchmark_parsers(sub)
+    add_inference_parser(sub)
     args = p.parse_args()
     args.func(args)
 

@@ -125,7 +125,7 @@ class AlikedExtractor(LocalFeatureExtractor):
         def export(out) -> None:
             example = torch.rand(1, 3, *size)
             export_onnx(AlikedDenseNetwork(_load_aliked(self.model_name, self.max_keypoints, self.detection_threshold,
-                                                        self.nms_radius)), example, "image", DENSE_OUTPUTS, out)
+                                                        self.nms_radius)), (example,), ["image"], DENSE_OUTPUTS, out)
 
         return load_session(f"{self.model_name}-dense-{size[0]}x{size[1]}", key, export, self.num_threads)
 

@@ -191,18 +191,22 @@ def register_deform_conv_symbolic() -> None:
         _registered = True
 
 
-def export_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_names: list[str],
-                out: io.BytesIO) -> None:
-    """Export with torch's TorchScript-based exporter: the one that takes custom symbolics."""
+def export_onnx(module: torch.nn.Module, examples: tuple[torch.Tensor, ...], input_names: list[str],
+                output_names: list[str], out: io.BytesIO, dynamic_axes: dict[str, dict[int, str]] | None = None) -> None:
+    """Export with torch's TorchScript-based exporter: the one that takes custom symbolics.
+
+    ``dynamic_axes`` default: the batch (first) axis of every input and output.
+    """
     import warnings
 
+    if dynamic_axes is None:
+        dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
     register_deform_conv_symbolic()
     with warnings.catch_warnings(), _without_onnxscript_functions():
         # Shape arithmetic traced into constants: intended, the graph is exported per input size.
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (example,), out, input_names=[input_name], output_names=output_names,
-                          opset_version=ONNX_OPSET, dynamo=False, do_constant_folding=True,
-                          dynamic_axes={input_name: {0: "batch"}, **{n: {0: "batch"} for n in output_names}})
+        torch.onnx.export(module.eval(), examples, out, input_names=input_names, output_names=output_names,
+                          opset_version=ONNX_OPSET, dynamo=False, do_constant_folding=True, dynamic_axes=dynamic_axes)
 
 
 @contextlib.contextmanager
