@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from d2s_nerf_ros.features.base import LocalFeatureExtractor, to_rgb
-from d2s_nerf_ros.features.onnx_runtime import cache_key, export_onnx, file_sha256, load_session, resolve_backend
+from d2s_nerf_ros.features.onnx_runtime import cache_key, export_onnx, load_session, resolve_backend
+from d2s_nerf_ros.map_bundle import sha256_file
 
 ALIKED_MODELS = ("aliked-t16", "aliked-n16", "aliked-n16rot", "aliked-n32")
 # Bump when AlikedDenseNetwork's graph changes: it is part of the ONNX cache key.
@@ -120,7 +121,7 @@ class AlikedExtractor(LocalFeatureExtractor):
     def _onnx_session(self, size: tuple[int, int]):
         weights = _weights_path(self.model_name)
         key = cache_key({"graph": "aliked-dense", "graph_version": DENSE_GRAPH_VERSION, "model": self.model_name,
-                         "weights_sha256": file_sha256(weights), "input_hw": list(size)})
+                         "weights_sha256": sha256_file(weights), "input_hw": list(size)})
 
         def export(out) -> None:
             example = torch.rand(1, 3, *size)

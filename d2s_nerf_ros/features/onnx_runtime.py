@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import torch
 
+from d2s_nerf_ros.map_bundle import sha256_file
+
 BACKEND_CHOICES = ("auto", "torch", "onnxruntime")
 # ONNX DeformConv exists from opset 19; onnxruntime runs it on the CPU from version 1.25.
 ONNX_OPSET = 19
@@ -87,14 +89,6 @@ def cache_dir() -> Path:
     return Path(base) / "d2s_nerf_ros"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_key(parts: dict[str, Any]) -> str:
     """A short hash of everything an exported graph depends on."""
     described = dict(parts, torch=torch.__version__, opset=ONNX_OPSET)
@@ -122,7 +116,7 @@ def cached_onnx_model(name: str, key: str, export: Callable[[io.BytesIO], None])
     sidecar = path.with_suffix(".sha256")
     if path.is_file() and sidecar.is_file():
         expected = sidecar.read_text().strip()
-        if file_sha256(path) == expected:
+        if sha256_file(path) == expected:
             return path
         log.warning("cached ONNX model %s does not match its checksum (corrupted?); exporting it again", path)
     buffer = io.BytesIO()
