@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from d2s_nerf_ros.features import BACKEND_CHOICES, EXTRACTOR_NAMES
+# Spelled out, not imported from d2s_nerf_ros.features: that would load torch for `--help`.
+# test_cli_choices_match_the_extractors keeps them in step.
+EXTRACTOR_CHOICES = ("aliked", "xfeat", "superpoint", "sift")
+BACKEND_CHOICES = ("auto", "torch", "onnxruntime")
 
 
 def _parse_floats(text: str, n: int, what: str) -> list[float]:
@@ -253,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel = b.add_mutually_exclusive_group()
     sel.add_argument("--fraction", type=float, help="use this fraction of the frames, evenly sampled (e.g. 0.04)")
     sel.add_argument("--every", type=int, help="use every N-th frame")
-    b.add_argument("--extractor", choices=list(EXTRACTOR_NAMES),
+    b.add_argument("--extractor", choices=list(EXTRACTOR_CHOICES),
                    help="local features (default aliked); xfeat: 64-d, several times faster on a CPU")
     b.add_argument("--max-keypoints", type=int)
     b.add_argument("--profile", choices=["fast", "paper"], default="fast")

@@ -142,3 +142,13 @@ def test_num_threads_is_checked_and_cache_dir_follows_the_environment(monkeypatc
     monkeypatch.delenv("D2S_NERF_ROS_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cache_dir() == tmp_path / "d2s_nerf_ros"
+
+
+def test_cli_choices_match_the_extractors():
+    from d2s_nerf_ros.features import BACKEND_CHOICES, EXTRACTOR_NAMES
+    from offline import cli
+
+    assert cli.EXTRACTOR_CHOICES == EXTRACTOR_NAMES and cli.BACKEND_CHOICES == BACKEND_CHOICES
+    args = cli.build_parser().parse_args(["build", "src", "--out", "map", "--extractor", "xfeat",
+                                          "--extractor-backend", "torch", "--num-threads", "2"])
+    assert (args.extractor, args.extractor_backend, args.num_threads) == ("xfeat", "torch", 2)
