@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from d2s_nerf_ros.camera import CameraIntrinsics
-from d2s_nerf_ros.device import resolve_device
+from d2s_nerf_ros.device import resolve_device, set_torch_threads
 from d2s_nerf_ros.errors import FrameRejected
 from d2s_nerf_ros.features.base import Features
+from d2s_nerf_ros.features.onnx_runtime import BACKEND_CHOICES
 from d2s_nerf_ros.map_bundle import MapBundle
 from d2s_nerf_ros.models.d2s import reliability
 from d2s_nerf_ros.pnp import PnPConfig, solve_pnp_ransac
@@ -39,6 +40,8 @@ class LocalizerConfig:
     ransac_iterations: int = 10000
     min_inliers: int = 15
     device: str = "auto"
+    extractor_backend: str = "auto"  # auto | torch | onnxruntime (auto: onnxruntime on the CPU, torch on CUDA)
+    num_threads: int = 0             # torch and onnxruntime intra/inter-op threads; 0: the libraries' defaults
 
     def validate(self) -> None:
         if isinstance(self.max_keypoints, bool) or int(self.max_keypoints) < 4:
@@ -51,6 +54,11 @@ class LocalizerConfig:
             raise ValueError(f"ransac_iterations must be >= 1, got {self.ransac_iterations}")
         if int(self.min_inliers) < 4:
             raise ValueError(f"min_inliers must be >= 4, got {self.min_inliers}")
+        if self.extractor_backend not in BACKEND_CHOICES:
+            raise ValueError(f"extractor_backend must be one of {', '.join(BACKEND_CHOICES)}, "
+                             f"got {self.extractor_backend!r}")
+        if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int) or self.num_threads < 0:
+            raise ValueError(f"num_threads must be an integer >= 0 (0: library default), got {self.num_threads!r}")
 
     def pnp_config(self) -> PnPConfig:
         return PnPConfig(threshold_px=float(self.ransac_threshold_px), iterations=int(self.ransac_iterations),
@@ -112,10 +120,14 @@ class Localizer:
         self.config.validate()
         self.bundle = bundle
         self.device = resolve_device(self.config.device)
-        # The map fixes the feature type; the runtime chooses how many keypoints to spend.
+        set_torch_threads(int(self.config.num_threads))
+        # The map fixes the feature type; the runtime chooses how many keypoints to spend and
+        # how the network runs (backend, threads).
         extractor_config = dict(bundle.extractor_config)
         extractor_config["max_keypoints"] = int(self.config.max_keypoints)
-        self.extractor = extractor_from_config(extractor_config, device=str(self.device.type))
+        self.extractor = extractor_from_config(extractor_config, device=str(self.device.type),
+                                               backend=self.config.extractor_backend,
+                                               num_threads=int(self.config.num_threads))
         self.model = bundle.build_model(self.device)
         model_dim = int(self.model.config.descriptor_dim)
         if int(self.extractor.descriptor_dim) != model_dim:

@@ -143,6 +143,11 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   "as camera drivers publish) or reliable (needs a reliable publisher). Raw frames over ~0.5 MB need the Fast DDS "
                   "profile config/fastdds_shm_large.xml exported (FASTDDS_DEFAULT_PROFILES_FILE) for the camera driver and the node."),
     ParameterSpec("device", "auto", "auto | cuda | cpu. auto takes CUDA when present, else the CPU; cuda without a GPU is a start-up error."),
+    ParameterSpec("extractor_backend", "auto", "auto | torch | onnxruntime: how the feature network runs (the map fixes which network). "
+                  "auto: onnxruntime on the CPU where the extractor has an ONNX path (ALIKED; exported once into ~/.cache/d2s_nerf_ros), "
+                  "else torch; onnxruntime requested but not installed is a start-up error."),
+    ParameterSpec("num_threads", 0, "CPU threads for torch and onnxruntime (intra- and inter-op); 0: the libraries' defaults "
+                  "(every core). Leave cores to the rest of the robot."),
     ParameterSpec("max_keypoints", 1024, "Keypoints extracted per image (>= 4)."),
     ParameterSpec("reliability_threshold", 0.5, "Keypoints whose D2S reliability is below this are not used for PnP, in [0, 1]."),
     ParameterSpec("ransac_threshold_px", 12.0, "PnP-RANSAC inlier threshold in pixels at 640x480; scaled with the image diagonal (> 0)."),
@@ -192,6 +197,8 @@ class NodeSettings:
     use_compressed: bool
     image_qos: str
     device: str
+    extractor_backend: str
+    num_threads: int
     max_keypoints: int
     reliability_threshold: float
     ransac_threshold_px: float
@@ -261,6 +268,9 @@ def settings_from_values(values: dict[str, Any]) -> NodeSettings:
     device = text("device").lower()
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"parameter device must be auto, cuda or cpu, got {v['device']!r}")
+    extractor_backend = text("extractor_backend").lower()
+    if extractor_backend not in ("auto", "torch", "onnxruntime"):
+        raise ValueError(f"parameter extractor_backend must be auto, torch or onnxruntime, got {v['extractor_backend']!r}")
     frames = {name: text(name).lstrip("/") for name in ("map_frame", "odom_frame", "base_frame")}
     if not frames["map_frame"]:
         raise ValueError("parameter map_frame must not be empty")
@@ -284,6 +294,8 @@ def settings_from_values(values: dict[str, Any]) -> NodeSettings:
         use_compressed=flag("use_compressed"),
         image_qos=image_qos,
         device=device,
+        extractor_backend=extractor_backend,
+        num_threads=integer("num_threads", 0),
         max_keypoints=integer("max_keypoints", 4),
         reliability_threshold=number("reliability_threshold", 0.0, 1.0),
         ransac_threshold_px=number("ransac_threshold_px", 0.0, low_open=True),
@@ -700,7 +712,8 @@ class LocalizerNode(LifecycleNode):
         config = LocalizerConfig(
             max_keypoints=s.max_keypoints, reliability_threshold=s.reliability_threshold,
             ransac_threshold_px=s.ransac_threshold_px, ransac_iterations=s.ransac_iterations,
-            min_inliers=s.min_inliers, device=s.device)
+            min_inliers=s.min_inliers, device=s.device, extractor_backend=s.extractor_backend,
+            num_threads=s.num_threads)
         try:
             localizer = Localizer.from_path(s.map_path, config)
         except MapBundleError as exc:

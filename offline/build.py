@@ -45,6 +45,8 @@ class BuildConfig:
     train_keypoints_per_image: int = 1024
     train_lr: float = 5e-4
     train_threads: int | None = None    # torch CPU threads while training (None: torch's default); CPU only
+    extractor_backend: str = "auto"     # how the extractor runs (auto | torch | onnxruntime); not part of the map
+    extractor_threads: int = 0          # onnxruntime threads of the extractor (0: its default)
     model_layers: int = 5               # D2S attentional message-passing layers
     model_head_dims: tuple[int, ...] = (512, 1024, 1024, 512)  # D2S regression head (the paper's)
     synthesis: bool = True
@@ -330,7 +332,8 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
 
     mapping = mapping_frames_stage(frameset, config, work_dir)
     extractor = make_extractor(config.extractor.name, max_keypoints=config.extractor.max_keypoints,
-                               device=config.device, resize_max=config.extractor.resize_max)
+                               device=config.device, resize_max=config.extractor.resize_max,
+                               backend=config.extractor_backend, num_threads=config.extractor_threads)
     features = features_stage(runner, mapping, extractor, progress)
     labels = labels_stage(runner, config, mapping, features, log)
     augmentation = augmentation_stage(runner, config, mapping, labels, extractor)
@@ -357,11 +360,11 @@ def mapping_frames_stage(frameset: FrameSet, config: BuildConfig, work_dir: Path
 
 def features_stage(runner: StageRunner, mapping: MappingFrames, extractor, progress: bool = True) -> ExtractedFeatures:
     """Local features of every mapping frame (``features/features.npz``)."""
-    from tqdm import tqdm
+    from offline.progress import progress_bar
 
     def compute(d: Path) -> dict[str, Any]:
         feats = {frame.name: extractor.extract(frame.load_rgb())
-                 for frame in tqdm(mapping.frames, desc="features", disable=not progress)}
+                 for frame in progress_bar(mapping.frames, desc="features", unit="frame", enabled=progress)}
         _save_features(d / "features.npz", feats)
         return feats
 

@@ -18,6 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+# Spelled out, not imported from d2s_nerf_ros.features: that would load torch for `--help`.
+# test_cli_choices_match_the_extractors keeps them in step.
+EXTRACTOR_CHOICES = ("aliked", "xfeat", "superpoint", "sift")
+BACKEND_CHOICES = ("auto", "torch", "onnxruntime")
+
 
 def _parse_floats(text: str, n: int, what: str) -> list[float]:
     try:
@@ -132,6 +137,7 @@ def cmd_build(args) -> int:
     elif args.max_keypoints:
         config.extractor.max_keypoints = args.max_keypoints
     config.fraction, config.every = args.fraction, args.every
+    config.extractor_backend, config.extractor_threads = args.extractor_backend, args.num_threads
     config.synthesis = not args.no_synthesis
     for name in ("labels", "synthetic_labels", "synthetic_unlabelled", "synthesis_renderer", "device", "seed",
                  "train_seed", "matcher"):
@@ -202,7 +208,7 @@ def cmd_evaluate(args) -> int:
     queries = _query_frames(args, Path(args.query_source), map_names, args.every, out / "source")
     load_input = None
     if args.method == "d2s":
-        cfg = LocalizerConfig(device=args.device)
+        cfg = LocalizerConfig(device=args.device, extractor_backend=args.extractor_backend, num_threads=args.num_threads)
         if args.reliability_threshold is not None:
             cfg.reliability_threshold = args.reliability_threshold
         method = Localizer.from_path(Path(args.map), cfg)
@@ -262,6 +268,25 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.work), quick=args.quick)
 
 
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--num-threads must be an integer >= 0, got {text!r}")
+    return value
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """How the networks run on this machine; none of it changes a map."""
+    p.add_argument("--extractor-backend", choices=list(BACKEND_CHOICES), default="auto",
+                   help="feature network runtime: auto (onnxruntime on the CPU where the extractor has an ONNX "
+                        "path, i.e. ALIKED; torch on CUDA), torch or onnxruntime")
+    p.add_argument("--num-threads", type=_threads, default=0,
+                   help="CPU threads of torch and onnxruntime (intra- and inter-op); 0: the libraries' defaults")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2s-nerf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -273,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel = b.add_mutually_exclusive_group()
     sel.add_argument("--fraction", type=float, help="use this fraction of the frames, evenly sampled (e.g. 0.04)")
     sel.add_argument("--every", type=int, help="use every N-th frame")
-    b.add_argument("--extractor", choices=["aliked", "superpoint", "sift"])
+    b.add_argument("--extractor", choices=list(EXTRACTOR_CHOICES),
+                   help="local features (default aliked); xfeat: 64-d, several times faster on a CPU")
     b.add_argument("--max-keypoints", type=int)
     b.add_argument("--profile", choices=["fast", "paper"], default="fast")
     b.add_argument("--no-synthesis", action="store_true", help="train D2S on the real frames only")
@@ -309,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what renders the novel views: nerfacto (default, the method) or rgbd-warp (forward-warps "
                         "the mapping frames' RGB-D images; needs depth, no training, full resolution)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    add_runtime_arguments(b)
     b.add_argument("--seed", type=int)
     b.add_argument("--train-seed", type=int,
                    help="seed of the D2S training alone (default: --seed); the cached stages are reused")
@@ -330,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--feature-cache", metavar="DIR",
                    help="d2s: reuse query features from DIR (keyed by extractor settings and image bytes), "
                         "extracting only what is missing; scoring another map then costs only D2S + PnP")
+    add_runtime_arguments(e)
     e.add_argument("--quiet", action="store_true")
     add_source_arguments(e)
     e.set_defaults(func=cmd_evaluate)
@@ -357,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "num_threads", 0):
+        from d2s_nerf_ros.device import set_torch_threads
+
+        set_torch_threads(args.num_threads)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

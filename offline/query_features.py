@@ -107,12 +107,9 @@ def cached_features(frames: Sequence[Frame], extractor, cache_dir: Path | str, d
                 stats.corrupt.append(frame.name)
                 log(f"query feature cache: entry of {frame.name} is unreadable ({exc}); extracting again")
         todo.append((frame, path))
-    iterator: Any = todo
-    if progress and todo:
-        from tqdm import tqdm
+    from offline.progress import progress_bar
 
-        iterator = tqdm(todo, desc="query features", unit="frame", file=sys.stderr)
-    for frame, path in iterator:
+    for frame, path in progress_bar(todo, desc="query features", unit="frame", enabled=progress and bool(todo)):
         try:
             feats = extractor.extract(frame.load_rgb())
         except Exception as exc:  # one unreadable image must not cost the other frames their features

@@ -531,7 +531,7 @@ def train_d2s(
     ``validation``: labelled frames disjoint from the training and scoring frames, for the
     learning curves (which also score a few real training frames).
     """
-    from tqdm.auto import tqdm
+    from offline.progress import progress_bar
 
     from offline.learning_curves import score_images, train_probe
 
@@ -625,8 +625,7 @@ def train_d2s(
     t0 = time.perf_counter()
     window: dict[str, torch.Tensor] = {}
     window_n = 0
-    bar = tqdm(total=config.iterations, initial=start, disable=not progress, desc="train D2S", unit="it",
-               dynamic_ncols=True)
+    bar = progress_bar(total=config.iterations, initial=start, enabled=progress, desc="train D2S", unit="it")
     completed = start
     try:
         for iteration in range(start, config.iterations):

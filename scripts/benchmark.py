@@ -8,6 +8,7 @@
     .venv/bin/python scripts/benchmark.py seeds --name cosine --variant "--no-synthesis --lr-schedule cosine"
     .venv/bin/python scripts/benchmark.py gpu --results OUT/gpu_benchmark.json    # a device run of scripts/gpu_benchmark.py
     .venv/bin/python scripts/benchmark.py delivery --map runs/bench/core_map      # raw frames over DDS, Fast DDS profile
+    .venv/bin/python scripts/benchmark.py d2s-inference --map runs/bench/core_map # D2S: torch vs onnxruntime
 
 Each run rewrites its own section of docs/BENCHMARKS.md (between markers) and keeps the
 raw JSON next to the maps in --runs.
@@ -26,6 +27,7 @@ from offline.bench.common import DEFAULT_DATA, REPO  # noqa: E402
 from offline.bench.core import bench_core  # noqa: E402
 from offline.bench.gpu import add_gpu_benchmark_parser  # noqa: E402
 from offline.bench.delivery import add_delivery_parser  # noqa: E402
+from offline.bench.inference import add_inference_parser  # noqa: E402
 from offline.bench.node import add_node_benchmark_parsers  # noqa: E402
 from offline.bench.seeds import add_seeds_parser  # noqa: E402
 
@@ -53,6 +55,7 @@ def main() -> None:
     add_seeds_parser(sub, str(DEFAULT_DATA))
     add_gpu_benchmark_parser(sub)
     add_delivery_parser(sub)
+    add_inference_parser(sub)
     args = p.parse_args()
     args.func(args)
 

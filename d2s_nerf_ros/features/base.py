@@ -1,4 +1,4 @@
-"""The one interface every local feature (ALIKED, SuperPoint, SIFT) sits behind.
+"""The one interface every local feature (ALIKED, XFeat, SuperPoint, SIFT) sits behind.
 
 An extractor takes a uint8 image (RGB ``HxWx3`` or grey ``HxW``) and returns ``Features``:
 keypoints in the pixels of the image it was given (OpenCV convention, pixel centres at
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from d2s_nerf_ros.device import resolve_device
+from d2s_nerf_ros.features.onnx_runtime import resolve_backend
 
 
 @dataclass
@@ -123,9 +124,10 @@ class LocalFeatureExtractor(ABC):
 
     name: str = ""
     descriptor_dim: int = 0
+    has_onnxruntime_backend: bool = False  # True where the network has an ONNX Runtime path
 
     def __init__(self, max_keypoints: int = 1024, device: str = "auto", resize_max: int | None = None,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, backend: str = "auto", num_threads: int = 0) -> None:
         if isinstance(max_keypoints, bool) or not isinstance(max_keypoints, (int, np.integer)) or max_keypoints <= 0:
             raise ValueError(f"max_keypoints must be a positive integer, got {max_keypoints!r}")
         if resize_max is not None and (isinstance(resize_max, bool) or not isinstance(resize_max, (int, np.integer))
@@ -136,8 +138,13 @@ class LocalFeatureExtractor(ABC):
         self.max_keypoints = int(max_keypoints)
         self.resize_max = None if resize_max is None else int(resize_max)
         self.batch_size = int(batch_size)
+        if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 0:
+            raise ValueError(f"num_threads must be an integer >= 0 (0: the library default), got {num_threads!r}")
         self.device_name = device
         self.device: torch.device = resolve_device(device)
+        # How the network runs, not what it computes: deliberately absent from config().
+        self.backend = resolve_backend(backend, self.device, self.has_onnxruntime_backend, self.name)
+        self.num_threads = int(num_threads)
 
     # -- subclass hooks ---------------------------------------------------------------
     @abstractmethod
@@ -183,4 +190,4 @@ class LocalFeatureExtractor(ABC):
         return results  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config()}, device={self.device})"
+        return f"{type(self).__name__}({self.config()}, device={self.device}, backend={self.backend})"

@@ -37,9 +37,11 @@ class SiftExtractor(LocalFeatureExtractor):
 
     def __init__(self, max_keypoints: int = 1024, device: str = "auto", resize_max: int | None = None,
                  contrast_threshold: float = 0.04, edge_threshold: float = 10.0, n_octave_layers: int = 3,
-                 sigma: float = 1.6, root: bool = True, batch_size: int = 8) -> None:
+                 sigma: float = 1.6, root: bool = True, batch_size: int = 8,
+                 backend: str = "auto", num_threads: int = 0) -> None:
         # SIFT runs on the CPU in OpenCV; the device is kept for the common interface.
-        super().__init__(max_keypoints=max_keypoints, device=device, resize_max=resize_max, batch_size=batch_size)
+        super().__init__(max_keypoints=max_keypoints, device=device, resize_max=resize_max, batch_size=batch_size,
+                         backend=backend, num_threads=num_threads)
         import cv2
 
         if not contrast_threshold >= 0 or not edge_threshold > 0 or not sigma > 0 or n_octave_layers < 1:

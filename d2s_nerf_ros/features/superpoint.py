@@ -288,8 +288,9 @@ class SuperPointExtractor(LocalFeatureExtractor):
     def __init__(self, max_keypoints: int = 1024, device: str = "auto", resize_max: int | None = None,
                  weights: str | Path | None = None, nms_radius: int = 4, detection_threshold: float = 0.005,
                  remove_borders: int = 4, weights_sha256: str | None = None, allow_download: bool = True,
-                 batch_size: int = 8) -> None:
-        super().__init__(max_keypoints=max_keypoints, device=device, resize_max=resize_max, batch_size=batch_size)
+                 batch_size: int = 8, backend: str = "auto", num_threads: int = 0) -> None:
+        super().__init__(max_keypoints=max_keypoints, device=device, resize_max=resize_max, batch_size=batch_size,
+                         backend=backend, num_threads=num_threads)
         if not isinstance(nms_radius, (int, np.integer)) or nms_radius < 0:
             raise ValueError(f"nms_radius must be an integer >= 0, got {nms_radius!r}")
         if not isinstance(remove_borders, (int, np.integer)) or remove_borders < 0:

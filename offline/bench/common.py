@@ -135,6 +135,8 @@ def shown_command(args, subcommand: str, always: tuple[str, ...] = ()) -> str:
         flag = "--" + dest.replace("_", "-")
         if isinstance(value, bool):
             parts += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *map(str, value)]
         elif value is not None:
             shown = os.path.relpath(value, REPO) if isinstance(value, str) and value.startswith(str(REPO) + os.sep) else value
             parts += [flag, f"{shown:g}" if isinstance(shown, float) else str(shown)]

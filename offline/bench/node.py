@@ -70,36 +70,17 @@ def start_client(node: NodeUnderTest, image_qos: str, timeout_s: float = NODE_RE
     return client
 
 
-def bench_node_latency(args) -> None:
-    """End-to-end latency of the node process on held-out RedKitchen frames (640x480 raw rgb8 over DDS)."""
+def run_node_latency(params: dict[str, object], queries, args, runs: Path, tag: str) -> dict:
+    """One node process with ``params``, the ``queries`` sent one at a time; its latency, accuracy and costs."""
     import numpy as np
 
     from d2s_nerf_ros.geometry import pose_error
-    from offline.sources import open_source
-
-    map_dir = Path(args.map)
-    if not (map_dir / "manifest.json").is_file():
-        sys.exit(f"no map at {map_dir}: build it first with `.venv/bin/python scripts/benchmark.py core` "
-                 f"(writes runs/bench/core_map), or name one with --map")
-    runs = Path(args.runs)
-    runs.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((map_dir / "manifest.json").read_text())
-    mapping_names = {f["name"] for f in manifest.get("frames", [])}
-    frameset = open_source(args.data, runs / "node_latency_source")
-    held_out = [f for f in frameset.frames if f.name not in mapping_names]
-    queries = held_out[::args.query_every][:args.frames] if args.frames else held_out[::args.query_every]
-    if not queries:
-        sys.exit(f"no held-out frames in {args.data} (all {len(frameset)} are mapping frames of {map_dir})")
-    size = {(f.camera.width, f.camera.height) for f in queries}
-
     from offline.demo import ros_loopback_env
 
     env = ros_loopback_env()
     os.environ.update(env)
-    # The camera pose (what the ground truth describes): no robot TF here.
-    params = {"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": args.image_qos, "odom_frame": "", "base_frame": ""}
     load0 = load_average()
-    node = NodeUnderTest(params, runs / "node_latency_node.log", env)
+    node = NodeUnderTest(params, runs / f"node_latency_node{tag}.log", env)
     driver = None
     rows = []
     try:
@@ -122,7 +103,7 @@ def bench_node_latency(args) -> None:
                 t_err, r_err = pose_error(driver.pose(stamp).T, frame.T_world_cam)
                 row.update(latency_ms=(received_ns - stamp) * 1e-6, translation_error_m=t_err, rotation_error_deg=r_err)
             rows.append(row)
-            print(f"  {i + 1}/{len(queries)} {frame.name}: {answer}"
+            print(f"  {tag.strip('-') or 'node'} {i + 1}/{len(queries)} {frame.name}: {answer}"
                   + (f" {row['latency_ms']:.0f} ms, {100 * row['translation_error_m']:.1f} cm" if answer == "pose" else ""),
                   flush=True)
             # The next frame no sooner than 1/rate after this one and an idle gap after its answer.
@@ -145,7 +126,8 @@ def bench_node_latency(args) -> None:
     t_errs = [r["translation_error_m"] for r in hits]
     r_errs = [r["rotation_error_deg"] for r in hits]
     delta = {k: (None if counters[k] is None or base[k] is None else counters[k] - base[k]) for k in counters}
-    result = {
+    return {
+        "params": params, "load_before": load0, "load_after": load1,
         "n_sent": len(rows), "n_poses": len(hits), "n_failed": sum(r["answer"] == "failed" for r in rows),
         "n_timeouts": sum(r["answer"] == "timeout" for r in rows), "node_counters": delta,
         "latency_ms": {"p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
@@ -157,57 +139,104 @@ def bench_node_latency(args) -> None:
         "node_startup_s": startup_s, "last_diagnostics": diag, "frames": rows,
     }
 
-    stages = None
-    if not args.no_stages:
-        stages = localizer_stage_timings(map_dir, queries)
-        result["in_process_stage_ms"] = stages
-    (runs / "node_latency.json").write_text(json.dumps(result, indent=1))
+
+def bench_node_latency(args) -> None:
+    """End-to-end latency of the node process on held-out RedKitchen frames (640x480 raw rgb8 over DDS),
+    one node process per extractor backend, all on the same frames."""
+    from offline.sources import open_source
+
+    map_dir = Path(args.map)
+    if not (map_dir / "manifest.json").is_file():
+        sys.exit(f"no map at {map_dir}: build it first with `.venv/bin/python scripts/benchmark.py core` "
+                 f"(writes runs/bench/core_map), or name one with --map")
+    if args.num_threads < 0:
+        sys.exit(f"--num-threads must be >= 0, got {args.num_threads}")
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((map_dir / "manifest.json").read_text())
+    mapping_names = {f["name"] for f in manifest.get("frames", [])}
+    frameset = open_source(args.data, runs / "node_latency_source")
+    held_out = [f for f in frameset.frames if f.name not in mapping_names]
+    queries = held_out[::args.query_every][:args.frames] if args.frames else held_out[::args.query_every]
+    if not queries:
+        sys.exit(f"no held-out frames in {args.data} (all {len(frameset)} are mapping frames of {map_dir})")
+    size = {(f.camera.width, f.camera.height) for f in queries}
+    backends = list(dict.fromkeys(args.extractor_backends))
+    results: dict[str, dict] = {}
+    for backend in backends:
+        # The camera pose (what the ground truth describes): no robot TF here.
+        params = {"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": args.image_qos,
+                  "odom_frame": "", "base_frame": "", "extractor_backend": backend, "num_threads": args.num_threads}
+        tag = f"-{backend}" if len(backends) > 1 else ""
+        result = run_node_latency(params, queries, args, runs, tag)
+        if not args.no_stages:
+            result["in_process_stage_ms"] = localizer_stage_timings(map_dir, queries, backend, args.num_threads)
+        results[backend] = result
+    (runs / "node_latency.json").write_text(json.dumps(results, indent=1))
 
     size_text = ", ".join(f"{w}x{h}" for w, h in sorted(size))
     date = datetime.date.today().isoformat()
     command = shown_command(args, "node-latency", always=("map", "data"))
     shown_map = os.path.relpath(map_dir.resolve(), REPO) if map_dir.resolve().is_relative_to(REPO) else str(map_dir)
-    stage_lines = ""
-    if stages:
-        stage_lines = (f"\n- Where the time goes (the same frames through `Localizer.localize` in the benchmark process "
-                       f"after the node stopped, same parameters, medians): "
-                       + ", ".join(f"{k} {v['p50']:.0f} ms" for k, v in stages.items())
-                       + ". End to end minus the node's processing is DDS transport (image in, pose out); the node's "
-                         "processing minus this total is image conversion and publishing, plus the noise of a shared CPU.")
+    extractor = manifest.get("extractor", {}).get("name", "?")
+    threads_text = f"{args.num_threads}" if args.num_threads else "0 (the libraries' defaults: every core)"
+    rows_md = "\n".join(
+        f"| {b} | {r['n_sent']} | {r['n_poses']} | {r['n_failed']} | {r['n_timeouts']} | {fmt_ms(r['latency_ms']['p50'])} | "
+        f"{fmt_ms(r['latency_ms']['p90'])} | {fmt_ms(r['latency_ms']['max'])} | {fmt_m(r['median_translation_m'])} | "
+        f"{fmt_deg(r['median_rotation_deg'])} | {fmt_pct(r['recall_5cm_5deg'])} | {fmt_pct(r['recall_10cm_10deg'])} | "
+        f"{r['node_cpu_s_per_frame']:.2f} s |" for b, r in results.items())
+    node_lines = []
+    for b, r in results.items():
+        delta, diag = r["node_counters"], r["last_diagnostics"]
+        line = (f"- `{b}`: load average {r['load_before']:.1f} before, {r['load_after']:.1f} after; start-up (imports, map load, "
+                f"warm-up{', ONNX export on first use' if b != 'torch' else ''}) {r['node_startup_s']:.0f} s; "
+                f"RSS {r['node_rss_mib']['start']:.0f} -> {r['node_rss_mib']['end']:.0f} MiB; counters: received {delta['frames_received']}, "
+                f"localized {delta['frames_localized']}, failed {delta['frames_failed']}, dropped {delta['frames_dropped']}; "
+                f"diagnostics (last 10 s): latency p50 {diag.get('latency_ms_p50', 'n/a')} ms, processing p50 {diag.get('processing_ms_p50', 'n/a')} ms.")
+        stages = r.get("in_process_stage_ms")
+        if stages:
+            line += (" In-process stage medians (`Localizer.localize`, same frames and parameters, after the node stopped): "
+                     + ", ".join(f"{k} {v['p50']:.0f} ms" for k, v in stages.items()) + ".")
+        node_lines.append(line)
+    ratio = ""
+    if {"torch", "onnxruntime"} <= set(results):
+        p50_torch, p50_ort = results["torch"]["latency_ms"]["p50"], results["onnxruntime"]["latency_ms"]["p50"]
+        if p50_torch and p50_ort:
+            ratio = f"\n- onnxruntime / torch end-to-end p50: **{p50_ort / p50_torch:.2f}x** (same frames, same run).\n"
     body = f"""## ROS 2 node: end-to-end latency on this CPU ({size_text}, raw rgb8 over DDS)
 
 - Command: `{command}`
-  (node: `python -m d2s_nerf_ros.node --ros-args -p map_path:=<map> -p device:=cpu -p image_qos:={args.image_qos}`, its own process;
-  sender and node with the Fast DDS profile `config/fastdds_shm_large.xml`, whose shared-memory segment holds raw 640x480 rgb8 frames)
-- Machine: {machine()}; date {date}; 1-minute load average {load0:.1f} before, {load1:.1f} after (shared CPU: noisy);
-  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}
-- Map: `{shown_map}` ({len(mapping_names)} mapping frames); queries: every {args.query_every}th held-out frame ({len(rows)} frames).
+  (node: `python -m d2s_nerf_ros.node --ros-args -p map_path:=<map> -p device:=cpu -p image_qos:={args.image_qos} -p odom_frame:='' -p base_frame:='' -p extractor_backend:=<backend> -p num_threads:={args.num_threads}`,
+  its own process, one per backend, one after the other on the same frames; sender and node with the Fast DDS profile
+  `config/fastdds_shm_large.xml`, whose shared-memory segment holds raw 640x480 rgb8 frames)
+- Machine: {machine()}; date {date}; shared CPU (other jobs running: noisy, see the load per backend below);
+  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; node num_threads {threads_text}
+- Map: `{shown_map}` ({len(mapping_names)} mapping frames, {extractor}); queries: every {args.query_every}th held-out frame ({len(queries)} frames)
+  of the same RedKitchen recording as the mapping frames (not the 7-Scenes test split).
   One frame at a time: the next is sent {args.gap:g} s after the node answered the previous one (and no faster than {args.rate:g} Hz),
   so the node is never backlogged and the latency has no queueing in it.
 - Latency = image stamp (wall clock at sending) -> pose received by the sender, end to end through DDS.
 
-| frames sent | poses | failed | no answer | latency p50 | latency p90 | max | median t | median R | 5 cm / 5° | 10 cm / 10° |
-|---|---|---|---|---|---|---|---|---|---|---|
-| {result['n_sent']} | {result['n_poses']} | {result['n_failed']} | {result['n_timeouts']} | {fmt_ms(result['latency_ms']['p50'])} | {fmt_ms(result['latency_ms']['p90'])} | {fmt_ms(result['latency_ms']['max'])} | {fmt_m(result['median_translation_m'])} | {fmt_deg(result['median_rotation_deg'])} | {fmt_pct(result['recall_5cm_5deg'])} | {fmt_pct(result['recall_10cm_10deg'])} |
-
-- Node: start-up (process start to ready: imports, map load, warm-up) {startup_s:.0f} s; CPU time {result['node_cpu_s_per_frame']:.2f} s per frame
-  (the node's torch uses every core it is allowed); RSS {rss_start / 1024:.0f} MiB -> {rss_end / 1024:.0f} MiB; its counters over the run:
-  received {delta['frames_received']}, localized {delta['frames_localized']}, failed {delta['frames_failed']}, dropped {delta['frames_dropped']}.
-  Its diagnostics at the end (last 10 s window): latency p50 {diag.get('latency_ms_p50', 'n/a')} ms, processing (receipt -> pose published) p50 {diag.get('processing_ms_p50', 'n/a')} ms.{stage_lines}
-"""
+| extractor backend | frames sent | poses | failed | no answer | latency p50 | latency p90 | max | median t | median R | 5 cm / 5° | 10 cm / 10° | node CPU per frame |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+{rows_md}
+{ratio}
+""" + "\n".join(node_lines) + "\n"
     write_section("node-latency", body, args.benchmarks_file)
     print(body)
 
 
-def localizer_stage_timings(map_dir: Path, frames) -> dict[str, dict[str, float]]:
+def localizer_stage_timings(map_dir: Path, frames, backend: str = "auto", num_threads: int = 0) -> dict[str, dict[str, float]]:
     """Per-stage times (extract, d2s, pnp, total) of the node's localizer with the node's default
-    parameters on ``frames``, in this process: the node's diagnostics give only its totals."""
+    parameters (and this backend and thread count) on ``frames``, in this process: the node's
+    diagnostics give only its totals."""
     from d2s_nerf_ros.localizer import Localizer, LocalizerConfig
     from d2s_nerf_ros.node import PARAMETER_DEFAULTS as P
 
     config = LocalizerConfig(max_keypoints=P["max_keypoints"], reliability_threshold=P["reliability_threshold"],
                              ransac_threshold_px=P["ransac_threshold_px"], ransac_iterations=P["ransac_iterations"],
-                             min_inliers=P["min_inliers"], device="cpu")
+                             min_inliers=P["min_inliers"], device="cpu", extractor_backend=backend,
+                             num_threads=num_threads)
     localizer = Localizer.from_path(map_dir, config)
     localizer.warmup()
     per_stage: dict[str, list[float]] = {}
@@ -429,6 +458,9 @@ def add_node_benchmark_parsers(sub) -> None:
     n.add_argument("--no-stages", action="store_true", help="skip the in-process per-stage timing pass")
     n.add_argument("--image-qos", choices=["sensor_data", "reliable"], default="sensor_data",
                    help="QoS of the image publisher and the node's subscription (sensor_data: best effort, as on a robot)")
+    n.add_argument("--extractor-backends", nargs="+", choices=["auto", "torch", "onnxruntime"], default=["auto"],
+                   help="one node process per backend, in this order, on the same frames")
+    n.add_argument("--num-threads", type=int, default=0, help="the node's num_threads (0: the libraries' defaults)")
     n.add_argument("--benchmarks-file", default=str(BENCH_MD), help="markdown file whose section is rewritten")
     n.set_defaults(func=bench_node_latency, parser=n)
 
