@@ -58,5 +58,5 @@ def test_a_pipeline_map_localises_held_out_frames_with_d2s(redkitchen_dir, tmp_p
     r = np.array([e[1] for e in errors])
     report = [(q.name, round(float(a), 3), round(float(b), 2), res.reason) for q, a, b, res in zip(queries, t, r, results)]
     assert np.isfinite(t).sum() >= len(queries) - 1, report
-    # Measured: 5 of 5 localised, median 3.2 cm / 1.05 degrees, worst 7.7 cm (2-core Xeon, 2026-12-02).
+    # Measured: 5 of 5 localised, median 3.2 cm / 1.05 degrees, worst 7.7 cm (2 cores of an AMD EPYC, 2026-12-02).
     assert np.median(t) < 0.10 and np.median(r) < 3.0, report
