@@ -22,7 +22,7 @@ DEMO_ARGS ?=
 help:
 	@echo "make setup     create/refresh $(VENV) with the pinned stack (idempotent; a no-op when up to date)"
 	@echo "make test      setup, then the test suite (PYTEST_ARGS='-k dds' to select)"
-	@echo "make test-fast setup, then the tests that build no map and run no colcon (minutes; the edit loop)"
+	@echo "make test-fast setup, then the tests that build no map, run no colcon and no DDS (the edit loop)"
 	@echo "make demo      setup, then d2s-nerf demo (DEMO_ARGS='...' passes options)"
 	@echo "make tf2-msgs  (re)generate tf2_msgs into the venv with rosidl"
 	@echo "make lock      freeze the working venv into requirements/lock.txt"
@@ -35,9 +35,9 @@ test: setup
 	@echo "[test] ROS_AUTOMATIC_DISCOVERY_RANGE=$$ROS_AUTOMATIC_DISCOVERY_RANGE ROS_DOMAIN_ID=$$ROS_DOMAIN_ID"
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# The edit loop: no map builds, no NeRF training, no colcon, nothing marked slow (pytest.ini's
-# markers). `make test` and CI still run everything.
-FAST_MARKERS := not slow and not builds
+# The edit loop: no map builds or model training, no colcon, no node processes over DDS, nothing
+# marked slow (pytest.ini's markers). `make test` and CI still run everything.
+FAST_MARKERS := not slow and not builds and not dds
 test-fast: setup
 	@echo "[test-fast] ROS_AUTOMATIC_DISCOVERY_RANGE=$$ROS_AUTOMATIC_DISCOVERY_RANGE ROS_DOMAIN_ID=$$ROS_DOMAIN_ID"
 	$(VENV)/bin/python -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)

@@ -166,6 +166,7 @@ def _train_step(model: D2SNet, optimiser: torch.optim.Optimizer, descriptors: to
     return float(coordinate_loss.detach())
 
 
+@pytest.mark.builds  # trains a D2S model: minutes on 2 cores
 def test_overfit_map_localizes_its_own_frame(redkitchen_dir: Path):
     """A D2S net overfitted to one real frame's depth labels must give that frame's pose back."""
     frame_dir = redkitchen_dir / "seq-01"

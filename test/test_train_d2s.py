@@ -258,6 +258,7 @@ def test_bad_training_input(tmp_path):
 
 
 # ------------------------------------------------------------------------------ training
+@pytest.mark.builds  # trains a D2S model: minutes on 2 cores
 def test_overfits_a_tiny_labelled_set(tmp_path):
     rng = np.random.default_rng(0)
     images = [geometric_image(rng, f"im{i}", 200, 64) for i in range(2)]
@@ -327,6 +328,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.builds  # trains a D2S model: minutes on 2 cores
 def test_training_resumes_from_its_checkpoint(tmp_path, capsys):
     rng = np.random.default_rng(4)
     images = [geometric_image(rng, f"im{i}", 100, 32) for i in range(3)]
