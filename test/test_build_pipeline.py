@@ -143,6 +143,19 @@ def test_cli_rejects_bad_synthesis_options_before_reading_the_source(tmp_path, o
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("option, value, code, message", [
+    ("--train-minutes", "0", 2, "--train-minutes must be a positive number"),
+    ("--early-batch", "8", 2, "--early-batch (IMAGES,KEYPOINTS) must be 2"),
+    ("--early-batch", "8,0.5", 2, "--early-batch takes two positive integers"),
+    ("--lr-schedule", "linear", 2, "invalid choice"),
+    ("--validation-frames", "-1", 1, "validation_frames must be >= 0"),
+])
+def test_cli_rejects_bad_training_options_before_reading_the_source(tmp_path, option, value, code, message):
+    proc = _cli("build", str(tmp_path / "does-not-exist"), "--out", str(tmp_path / "m"), option, value)
+    assert proc.returncode == code and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_cli_empty_selection_is_an_error(demo, tmp_path):
     proc = _cli("build", str(demo["root"] / "bag"), "--out", str(tmp_path / "m"), "--fraction", "0.0001",
                 "--no-synthesis", "--extractor", "sift")
