@@ -130,6 +130,27 @@ def covariance_of_offset_pose(covariance: np.ndarray, T_world_a: np.ndarray, T_a
     return 0.5 * (out + out.T)
 
 
+def checked_pose_covariance(covariance: Any) -> np.ndarray:
+    """``covariance`` as a 6x6 float array fit to publish, or ``ValueError`` saying why not.
+
+    A missing, non-finite, asymmetric or not positive definite matrix is refused: published as
+    all zeros it would read as "perfectly certain", and a filter gating by Mahalanobis
+    distance (robot_localization) would trust the pose completely.
+    """
+    if covariance is None:
+        raise ValueError("the pose has no covariance")
+    C = np.asarray(covariance, dtype=np.float64)
+    if C.shape != (6, 6):
+        raise ValueError(f"covariance must be 6x6, got {C.shape}")
+    if not np.all(np.isfinite(C)):
+        raise ValueError("covariance has non-finite values")
+    if np.abs(C - C.T).max() > 1e-9 * max(np.abs(C).max(), 1e-300):
+        raise ValueError("covariance is not symmetric")
+    if np.linalg.eigvalsh(0.5 * (C + C.T)).min() <= 0.0:
+        raise ValueError("covariance is not positive definite")
+    return C
+
+
 def covariance_to_msg_list(covariance: np.ndarray) -> list[float]:
     """6x6 -> the 36 row-major floats of ``PoseWithCovariance.covariance``."""
     C = np.asarray(covariance, dtype=np.float64)

@@ -75,6 +75,8 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pose-to-camera", type=_pose_to_camera,
                    help="fixed extrinsic x,y,z,qx,qy,qz,qw of the camera optical frame in the pose's frame")
     g.add_argument("--intrinsics", type=_intrinsics, help="fx,fy,cx,cy when the source has no camera info")
+    g.add_argument("--rectified", action="store_true",
+                   help="the bag's images are rectified: use CameraInfo P (fx, fy, cx, cy) and ignore D")
     g.add_argument("--min-motion", type=float, help="keep a bag frame only after this many metres of motion")
 
 
@@ -88,7 +90,7 @@ def bag_source_options(args, fraction: float | None = None, every: int | None = 
         camera_frame=getattr(args, "camera_frame", None), pose_topic=getattr(args, "pose_topic", None),
         pose_to_camera=getattr(args, "pose_to_camera", None), min_motion_m=getattr(args, "min_motion", None),
         scale=getattr(args, "scale", None), known_distance=getattr(args, "known_distance", None),
-        fraction=fraction, every=every)
+        rectified=bool(getattr(args, "rectified", False)), fraction=fraction, every=every)
 
 
 def open_frames(args, source: Path, out_dir: Path, fraction: float | None = None, every: int | None = None):
