@@ -63,6 +63,9 @@ class BuildConfig:
     device: str = "auto"
     seed: int = 0
     train_seed: int | None = None       # D2S initialisation and batches only (None: seed); the cached stages stay
+    # Posed non-mapping frames of the source on which the map's error model (pose covariance) is
+    # measured (offline/error_model_fit.py); 0, or a source without such frames: the fallback model.
+    error_model_frames: int = 12
 
     def validate(self) -> None:
         if self.labels not in LABEL_MODES:
@@ -425,6 +428,7 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
 
     # Named after OUT: builds of other maps that share this work directory stage beside it.
     staged = bundle.save(work_dir / f"{STAGED_BUNDLE}-{out.name}")
+    _add_error_model(bundle, staged, frameset.frames, {f.name for f in frames}, config, log)
     report = write_report(staged, work_dir / "report.html", frames, real, history, synthesis_stats,
                           query_frames=query_frames, map_name=out.name)
     bundle.add_file("report.html", report)
@@ -432,6 +436,25 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
     shutil.rmtree(staged, ignore_errors=True)
     return BuildSummary(out, work_dir, len(frames), n_labelled, len(augmented), len(synthetic), final_loss,
                         dict(runner.timings_s), dict(runner.cached))
+
+
+def _add_error_model(bundle, staged: Path, all_frames: list[Frame], mapping_names: set[str], config: BuildConfig,
+                     log: Callable[[str], None]) -> None:
+    """Measure the staged map's error model on held-out posed frames and put it in ``bundle``."""
+    from d2s_nerf_ros.localizer import Localizer, LocalizerConfig
+    from offline.error_model_fit import calibration_frames, fit_error_model
+
+    held_out = calibration_frames(all_frames, mapping_names, config.error_model_frames)
+    if not held_out:
+        log("error model: no posed frames outside the mapping selection; the map gets the fallback model "
+            "(d2s_nerf_ros/error_model.py); `d2s-nerf calibrate` can measure one later")
+        return
+    try:
+        model = fit_error_model(Localizer.from_path(staged, LocalizerConfig(device=config.device)), held_out, log)
+    except ValueError as exc:
+        log(f"error model: {exc}; the map gets the fallback model")
+        return
+    bundle.set_error_model(model)
 
 
 def _load_label_arrays(d: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

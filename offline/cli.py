@@ -4,6 +4,7 @@ Examples::
 
     d2s-nerf build ../shared/data/7scenes_redkitchen --out maps/redkitchen --fraction 0.04 --no-synthesis
     d2s-nerf evaluate maps/redkitchen ../shared/data/7scenes_redkitchen --out runs/eval --every 10
+    d2s-nerf calibrate maps/redkitchen ../shared/data/7scenes_redkitchen      (error model of an older map)
     d2s-nerf replay ../shared/data/7scenes_redkitchen --rate 2 --out runs/replay --every 20
     d2s-nerf demo --work runs/demo
 """
@@ -184,6 +185,11 @@ def cmd_evaluate(args) -> int:
         cfg = LocalizerConfig(device=args.device)
         if args.reliability_threshold is not None:
             cfg.reliability_threshold = args.reliability_threshold
+        for name in ("min_inliers", "min_inlier_ratio"):
+            if getattr(args, name) is not None:
+                setattr(cfg, name, getattr(args, name))
+        if args.max_reprojection_rmse is not None:
+            cfg.max_reprojection_rmse_px = args.max_reprojection_rmse
         method = Localizer.from_path(Path(args.map), cfg)
         method.warmup()
     else:
@@ -201,6 +207,27 @@ def cmd_evaluate(args) -> int:
     print(json.dumps({k: written.get(k) for k in (
         "n_queries", "n_failed", "median_translation_m", "median_rotation_deg",
         "recall_5cm_5deg", "recall_10cm_10deg")}, indent=1))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import tempfile
+
+    from d2s_nerf_ros.localizer import Localizer, LocalizerConfig
+    from d2s_nerf_ros.map_bundle import MapBundle
+    from offline.error_model_fit import calibration_frames, fit_error_model
+
+    bundle = MapBundle.load(Path(args.map), device="cpu")
+    map_names = {f["name"] for f in bundle.manifest.get("frames", [])}
+    with tempfile.TemporaryDirectory(prefix="d2s-calibrate-") as tmp:
+        frameset = open_frames(args, Path(args.source), Path(tmp))
+        frames = calibration_frames(frameset.frames, map_names, args.frames)
+        if not frames:
+            raise ValueError(f"{args.source} has no posed frames besides the map's own")
+        model = fit_error_model(Localizer(bundle, LocalizerConfig(device=args.device)), frames)
+    bundle.set_error_model(model)
+    out = bundle.save(Path(args.out) if args.out else Path(args.map))
+    print(json.dumps({"map": str(out), "error_model": {k: v for k, v in model.to_dict().items() if k != "frames"}}, indent=1))
     return 0
 
 
@@ -273,9 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--method", choices=["d2s", "match"], default="d2s")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     e.add_argument("--reliability-threshold", type=float)
+    e.add_argument("--min-inliers", type=int, help="accept a pose with at least this many PnP inliers (default 15)")
+    e.add_argument("--min-inlier-ratio", type=float,
+                   help="accept a pose only when this share of the correspondences are inliers (default 0.15)")
+    e.add_argument("--max-reprojection-rmse", type=float, metavar="PX",
+                   help="accept a pose only when the inlier RMSE is at most PX pixels at 640x480 (default 6)")
     e.add_argument("--quiet", action="store_true")
     add_source_arguments(e)
     e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("calibrate", help="measure a map's error model (its pose covariance) on posed frames of its scene")
+    c.add_argument("map")
+    c.add_argument("source", help="posed frames of the map's scene (any build source); the map's own frames are left out")
+    c.add_argument("--frames", type=int, default=12, help="how many frames, spread evenly (default 12)")
+    c.add_argument("--out", help="write the calibrated map here (default: update MAP in place)")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_source_arguments(c)
+    c.set_defaults(func=cmd_calibrate)
 
     r = sub.add_parser("replay", help="publish frames over DDS to a running localizer node and score its poses")
     r.add_argument("query_source")
