@@ -5,6 +5,8 @@
     .venv/bin/python scripts/benchmark.py ablation --fractions 0.04 0.02
     .venv/bin/python scripts/benchmark.py node-latency --map runs/bench/core_map   # the ROS 2 node, 640x480
     .venv/bin/python scripts/benchmark.py soak --frames 5000                      # the node's memory
+    .venv/bin/python scripts/benchmark.py wrong-scene --map runs/bench/core_map   # poses for another scene
+    .venv/bin/python scripts/benchmark.py covariance --map runs/bench/core_map    # covariance calibration
 
 Each run rewrites its own section of docs/BENCHMARKS.md (between markers) and keeps the
 raw JSON next to the maps in --runs.
@@ -21,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from offline.bench.ablation import ABLATION_TRAIN_ITERATIONS, ABLATION_VARIANTS, bench_ablation  # noqa: E402
 from offline.bench.common import DEFAULT_DATA, REPO  # noqa: E402
 from offline.bench.core import bench_core  # noqa: E402
+from offline.bench.covariance import add_covariance_parser  # noqa: E402
 from offline.bench.node import add_node_benchmark_parsers  # noqa: E402
+from offline.bench.wrong_scene import add_wrong_scene_parser  # noqa: E402
 
 
 def main() -> None:
@@ -68,6 +72,8 @@ def main() -> None:
                    help="write the section from the summaries a previous run saved in --runs")
     a.set_defaults(func=bench_ablation)
     add_node_benchmark_parsers(sub)
+    add_wrong_scene_parser(sub)
+    add_covariance_parser(sub)
     args = p.parse_args()
     args.func(args)
 
