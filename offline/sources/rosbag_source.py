@@ -35,10 +35,9 @@ import numpy as np
 from d2s_nerf_ros.camera import CameraInfoError, CameraIntrinsics, camera_from_camera_info, rectification_hint
 from d2s_nerf_ros.geometry import pose_error
 from d2s_nerf_ros.image_conversion import ImageConversionError, compressed_msg_to_numpy, image_msg_to_numpy
-from d2s_nerf_ros.tf_math import pose_from_msg, transform_from_msg
+from d2s_nerf_ros.tf_math import TransformBuffer, TransformLookupError, pose_from_msg, transform_from_msg
 from offline.sfm import SfmConfig
 from offline.sources.frames import Frame, FrameSet, even_indices
-from offline.sources.tf_buffer import TFBuffer, TransformLookupError
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +245,8 @@ class _BagContents:
     images: list[_ImageRecord] = field(default_factory=list)
     camera_info: Any = None  # the first CameraInfo message (converted once the image size is known)
     camera_info_count: int = 0
-    tf: TFBuffer = field(default_factory=TFBuffer)
+    # The whole recording, strict: a second parent or a static/dynamic mix is an error in a bag.
+    tf: TransformBuffer = field(default_factory=lambda: TransformBuffer(cache_s=None, strict=True))
     pose_frames: set[str] = field(default_factory=set)
     pose_count: int = 0
     zero_stamp_images: int = 0
@@ -330,14 +330,14 @@ def _read_metadata_pass(reader: Any, path: Path, image_topic: str, info_topic: s
             elif topic == pose_topic:
                 frame_id, _, T = _pose_of_message(msg, msgtype)
                 contents.pose_frames.add(str(frame_id))
-                contents.tf.add_dynamic(*pose_buffer_frames, _stamp_ns(msg.header), T)
+                contents.tf.set_transform(*pose_buffer_frames, _stamp_ns(msg.header), T)
                 contents.pose_count += 1
             else:  # a TF topic
                 static = topic.endswith("tf_static")
                 for tr in msg.transforms:
                     parent = str(tr.header.frame_id).lstrip("/")  # ROS 1 frames may carry a leading slash
                     child = str(tr.child_frame_id).lstrip("/")
-                    contents.tf.add(parent, child, _stamp_ns(tr.header), transform_from_msg(tr.transform), static)
+                    contents.tf.set_transform(parent, child, _stamp_ns(tr.header), transform_from_msg(tr.transform), static=static)
     except BagSourceError:
         raise
     except ValueError as exc:
