@@ -17,15 +17,14 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from offline.bench.common import BENCH_MD, DEFAULT_DATA, REPO, load_average, machine, shown_command, write_section
+from offline.bench.common import (BENCH_MD, DEFAULT_DATA, REPO, load_average, machine, runs_and_map, shown_command,
+                                  shown_path, write_section)
 
 
 def chi2_cdf(x: float, dof: int) -> float:
@@ -56,11 +55,7 @@ def bench_covariance(args) -> None:
     from offline.error_model_fit import calibration_frames, fit_error_model
     from offline.sources import open_source
 
-    runs = Path(args.runs)
-    runs.mkdir(parents=True, exist_ok=True)
-    map_dir = Path(args.map)
-    if not (map_dir / "manifest.json").is_file():
-        sys.exit(f"no map at {map_dir}")
+    runs, map_dir = runs_and_map(args)
     frameset = open_source(Path(args.data), runs / "covariance_source")
     bundle = MapBundle.load(map_dir)
     mapping = {f["name"] for f in bundle.manifest.get("frames", [])}
@@ -122,7 +117,7 @@ def bench_covariance(args) -> None:
                          + f" | {num(r['mean_nees'])} ({dof}) | {num(r['median_nees'])} ({median_expected}) |")
     sigmas = [f["calibrated"]["sigma_xyz_m"] for f in per_frame if f.get("success")]
     median_sigma = np.median(np.asarray(sigmas), axis=0) if sigmas else None
-    shown_map = os.path.relpath(Path(args.map).resolve(), REPO) if Path(args.map).resolve().is_relative_to(REPO) else args.map
+    shown_map = shown_path(args.map)
     body = f"""## Pose covariance calibration on held-out frames
 
 - Command: `{shown_command(args, "covariance", always=("map",))}`

@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from offline.bench.common import (BENCH_MD, DEFAULT_DATA, REPO, fmt_pct, load_average, machine, shown_command,
-                                  write_section)
+from offline.bench.common import (BENCH_MD, DEFAULT_DATA, REPO, fmt_pct, load_average, machine, runs_and_map,
+                                  shown_command, shown_path, write_section)
 from offline.bench.node import FrameDriver, NodeUnderTest, build_soak_map, demo_view, image_and_info_msgs
 
 GATES_OFF = {"min_inlier_ratio": 0.0, "max_reprojection_rmse_px": 1000.0}
@@ -124,11 +123,7 @@ def bench_wrong_scene(args) -> None:
     from d2s_nerf_ros.camera import CameraIntrinsics
     from d2s_nerf_ros.localizer import LocalizerConfig
 
-    runs = Path(args.runs)
-    runs.mkdir(parents=True, exist_ok=True)
-    map_dir = Path(args.map)
-    if not (map_dir / "manifest.json").is_file():
-        sys.exit(f"no map at {map_dir}: build one (`benchmark.py core` writes runs/bench/core_map) or name it with --map")
+    runs, map_dir = runs_and_map(args)
     camera = CameraIntrinsics(640, 480, 500.0, 500.0, 319.5, 239.5)  # RedKitchen's image size
     demo_map = Path(args.demo_map) if args.demo_map else runs / "wrong_scene_demo_map"
     if not (demo_map / "manifest.json").is_file():
@@ -165,7 +160,7 @@ def bench_wrong_scene(args) -> None:
             f"{fmt_pct(r['recall_10cm_10deg']) if same else '-'} | {r['published_wrong_1m'] if same else r['published']} | "
             f"{rej.get('inlier ratio', 0)} / {rej.get('reprojection RMSE', 0)} / {rej.get('too few inliers', 0)} / {rej.get('other', 0)} |")
     manifest = json.loads((map_dir / "manifest.json").read_text())
-    shown_map = os.path.relpath(map_dir.resolve(), REPO) if map_dir.resolve().is_relative_to(REPO) else str(map_dir)
+    shown_map = shown_path(map_dir)
     body = f"""## Wrong scene: poses the node publishes for frames of another place
 
 - Command: `{shown_command(args, "wrong-scene", always=("map",))}`
