@@ -157,3 +157,11 @@ def shown_path(path: Path | str) -> str:
     """``path`` relative to the checkout when inside it (as a reader would type it), else as given."""
     resolved = Path(path).resolve()
     return os.path.relpath(resolved, REPO) if resolved.is_relative_to(REPO) else str(path)
+
+
+def add_map_benchmark_arguments(parser) -> None:
+    """--map (a RedKitchen map, default the one `benchmark.py core` builds), --data, --runs, --benchmarks-file."""
+    parser.add_argument("--map", default=str(REPO / "runs" / "bench" / "core_map"), help="RedKitchen map bundle")
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--runs", default=str(REPO / "runs" / "bench"))
+    parser.add_argument("--benchmarks-file", default=str(BENCH_MD), help="markdown file whose section is rewritten")

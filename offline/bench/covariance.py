@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from offline.bench.common import (BENCH_MD, DEFAULT_DATA, REPO, load_average, machine, runs_and_map, shown_command,
+from offline.bench.common import (add_map_benchmark_arguments, load_average, machine, runs_and_map, shown_command,
                                   shown_path, write_section)
 
 
@@ -141,11 +141,8 @@ def bench_covariance(args) -> None:
 
 def add_covariance_parser(sub) -> None:
     c = sub.add_parser("covariance", help="calibration of the pose covariance on held-out RedKitchen frames")
-    c.add_argument("--map", default=str(REPO / "runs" / "bench" / "core_map"), help="RedKitchen map bundle")
-    c.add_argument("--data", default=str(DEFAULT_DATA))
-    c.add_argument("--runs", default=str(REPO / "runs" / "bench"))
+    add_map_benchmark_arguments(c)
     c.add_argument("--calibration-frames", type=int, default=12, help="when the map has no error model yet")
     c.add_argument("--query-every", type=int, default=5, help="every N-th remaining held-out frame")
     c.add_argument("--frames", type=int, default=60)
-    c.add_argument("--benchmarks-file", default=str(BENCH_MD))
     c.set_defaults(func=bench_covariance, parser=c)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from offline.bench.common import (BENCH_MD, DEFAULT_DATA, REPO, fmt_pct, load_average, machine, runs_and_map,
+from offline.bench.common import (add_map_benchmark_arguments, fmt_pct, load_average, machine, runs_and_map,
                                   shown_command, shown_path, write_section)
 from offline.bench.node import FrameDriver, NodeUnderTest, build_soak_map, demo_view, image_and_info_msgs
 
@@ -183,14 +183,11 @@ def bench_wrong_scene(args) -> None:
 
 def add_wrong_scene_parser(sub) -> None:
     w = sub.add_parser("wrong-scene", help="poses the node publishes for frames of another scene, and the recall the gates cost")
-    w.add_argument("--map", default=str(REPO / "runs" / "bench" / "core_map"), help="RedKitchen map bundle")
+    add_map_benchmark_arguments(w)
     w.add_argument("--demo-map", help="demo-room map (default: RUNS/wrong_scene_demo_map, built on first use)")
     w.add_argument("--demo-map-frames", type=int, default=30)
     w.add_argument("--demo-train-iterations", type=int, default=1500)
-    w.add_argument("--data", default=str(DEFAULT_DATA))
-    w.add_argument("--runs", default=str(REPO / "runs" / "bench"))
     w.add_argument("--query-every", type=int, default=12, help="every N-th held-out RedKitchen frame")
     w.add_argument("--frames", type=int, default=30, help="query frames per scene")
     w.add_argument("--answer-timeout", type=float, default=30.0)
-    w.add_argument("--benchmarks-file", default=str(BENCH_MD))
     w.set_defaults(func=bench_wrong_scene, parser=w)
