@@ -177,16 +177,17 @@ def camera_from_camera_info(msg: Any, rectified: bool = False,
         K = _info_array(msg, "k", 9)  # its values are checked by CameraIntrinsics below
         fx, fy, cx, cy = float(K[0]), float(K[4]), float(K[2]), float(K[5])
         D = _info_array(msg, "d", 0)
-        if D.size == 0 or not np.any(D):
-            model, coefficients = "none", ()
-        elif model_name in _CAMERA_INFO_MODELS:
-            model, coefficients = _CAMERA_INFO_MODELS[model_name], tuple(float(v) for v in D)
-            if model == "plumb_bob" and D.size == 8:
-                model = "rational_polynomial"  # some drivers send 8 coefficients under the plumb_bob name
-        else:
+        # An unknown model is refused even with zero coefficients: the driver means a lens we cannot model.
+        if model_name not in _CAMERA_INFO_MODELS and model_name not in ("", "none"):
             raise CameraInfoError(
                 f"CameraInfo distortion model {getattr(msg, 'distortion_model', '')!r} is not supported "
                 f"(plumb_bob, rational_polynomial, equidistant); rectify the images (image_proc) and set rectified:=true")
+        if D.size == 0 or not np.any(D) or model_name in ("", "none"):
+            model, coefficients = "none", ()
+        else:
+            model, coefficients = _CAMERA_INFO_MODELS[model_name], tuple(float(v) for v in D)
+            if model == "plumb_bob" and D.size == 8:
+                model = "rational_polynomial"  # some drivers send 8 coefficients under the plumb_bob name
     try:
         return CameraIntrinsics(width=width, height=height, fx=fx, fy=fy, cx=cx, cy=cy,
                                 distortion_model=model, distortion=coefficients)

@@ -104,6 +104,7 @@ def test_maps_with_eight_plumb_bob_coefficients_still_load():
 
 @pytest.mark.parametrize("msg_kwargs, rectified, fragment", [
     (dict(model="kannala_brandt", d=[0.1] * 9), False, "distortion model 'kannala_brandt' is not supported"),
+    (dict(model="kannala_brandt", d=[0.0] * 9), False, "distortion model 'kannala_brandt' is not supported"),
     (dict(model="rational_polynomial", d=[0.1] * 5), False, "rational_polynomial distortion needs 8 or 12 or 14"),
     (dict(model="equidistant", d=[0.1] * 5), False, "equidistant distortion needs 4 coefficients"),
     (dict(model="plumb_bob", d=[0.1] * 3), False, "plumb_bob distortion needs 4 or 5 or 8"),
