@@ -302,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reliability-threshold", type=float)
     e.add_argument("--min-inliers", type=int, help="accept a pose with at least this many PnP inliers (default 15)")
     e.add_argument("--min-inlier-ratio", type=float,
-                   help="accept a pose only when this share of the correspondences are inliers (default 0.15)")
+                   help="accept a pose only when this share of the correspondences are inliers (default 0.07)")
     e.add_argument("--max-reprojection-rmse", type=float, metavar="PX",
-                   help="accept a pose only when the inlier RMSE is at most PX pixels at 640x480 (default 6)")
+                   help="accept a pose only when the inlier RMSE is at most PX pixels at 640x480 (default 9)")
     e.add_argument("--quiet", action="store_true")
     add_source_arguments(e)
     e.set_defaults(func=cmd_evaluate)
