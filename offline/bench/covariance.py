@@ -118,11 +118,13 @@ def bench_covariance(args) -> None:
     sigmas = [f["calibrated"]["sigma_xyz_m"] for f in per_frame if f.get("success")]
     median_sigma = np.median(np.asarray(sigmas), axis=0) if sigmas else None
     shown_map = shown_path(args.map)
+    note = bundle.manifest.get("training", {}).get("note")  # e.g. a bundle made from a training checkpoint
+    map_note = f" ({note})" if note else ""
     body = f"""## Pose covariance calibration on held-out frames
 
 - Command: `{shown_command(args, "covariance", always=("map",))}`
 - Machine: {machine()}; date {datetime.date.today().isoformat()}; 1-minute load average {load0:.1f} before, {load1:.1f} after
-- Map: `{shown_map}`; error model {'measured by this run into a copy (the map had none), ' if calibrated_here else ''}on
+- Map: `{shown_map}`{map_note}; error model {'measured by this run into a copy (the map had none), ' if calibrated_here else ''}on
   {len(model.frames)} held-out frames: coordinate sigma {100 * model.coordinate_sigma_m:.1f} cm, covariance scale {model.covariance_scale:.1f}
   ({model.n_points} inliers of {model.n_frames} localised frames).
 - Checked on {len(queries)} other held-out RedKitchen frames (every {args.query_every}th frame that is neither a mapping nor an

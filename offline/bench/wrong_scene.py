@@ -161,12 +161,14 @@ def bench_wrong_scene(args) -> None:
             f"{rej.get('inlier ratio', 0)} / {rej.get('reprojection RMSE', 0)} / {rej.get('too few inliers', 0)} / {rej.get('other', 0)} |")
     manifest = json.loads((map_dir / "manifest.json").read_text())
     shown_map = shown_path(map_dir)
+    note = manifest.get("training", {}).get("note")  # e.g. a bundle made from a training checkpoint
+    map_note = f" ({note})" if note else ""
     body = f"""## Wrong scene: poses the node publishes for frames of another place
 
 - Command: `{shown_command(args, "wrong-scene", always=("map",))}`
 - Machine: {machine()}; date {datetime.date.today().isoformat()}; 1-minute load average {load0:.1f} before, {load1:.1f} after
 - Through the node process (`python -m d2s_nerf_ros.node`, device cpu, reliable image QoS), one 640x480 rgb8 frame at a time.
-- Maps: RedKitchen `{shown_map}` ({len(manifest.get('frames', []))} mapping frames); the demo room
+- Maps: RedKitchen `{shown_map}`{map_note} ({len(manifest.get('frames', []))} mapping frames); the demo room
   ({args.demo_map_frames} rendered views, depth labels, {args.demo_train_iterations} iterations, `build_soak_map`).
 - Query frames: {len(kitchen)} RedKitchen frames (every {args.query_every}th held-out frame: frames of the same recording
   as the mapping frames, not the 7-Scenes test split; the map's error-model frames left out) and {len(room)} demo-room
