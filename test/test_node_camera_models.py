@@ -27,7 +27,10 @@ pytestmark = [pytest.mark.dds, pytest.mark.slow]
 PLUMB_BOB = (-0.28, 0.09, 0.0012, -0.0009, -0.012)  # a strong wide-angle lens: ~25 px at the corners
 RECTIFIED_P = CameraIntrinsics(640, 480, 470.0, 472.0, 327.0, 236.0)  # what image_proc might have chosen
 N_FRAMES = 4
-SAME_POSE_T_M, SAME_POSE_R_DEG = 0.05, 2.0
+# Resampling a view (distortion, another P) changes its keypoints, so RANSAC's pose moves by
+# centimetres even when the camera model is handled exactly (7.7 cm / 0.5 deg seen on a 20-frame
+# map whose own error on these frames is 10-50 cm). A lens ignored moves it by far more (control).
+SAME_POSE_T_M, SAME_POSE_R_DEG = 0.15, 1.5
 
 
 def distort(rgb: np.ndarray, camera: CameraIntrinsics, D: tuple[float, ...]) -> np.ndarray:
@@ -107,21 +110,30 @@ def test_distorted_and_rectified_variants_give_the_original_pose(built_redkitche
     raw_poses = poses_from_node(built_redkitchen_map, tmp_path, False, raw_sends)
     rect_poses = poses_from_node(built_redkitchen_map, tmp_path, True, rect_sends)
 
-    compared, control_moved = 0, 0
+    compared, control_moved, problems, table = 0, 0, [], []
     for i, frame in enumerate(held_out_frames):
         T_orig, T_dist, T_undeclared = raw_poses[3 * i: 3 * i + 3]
         T_rect = rect_poses[i]
         if T_orig is None:
             continue  # the map cannot localise this frame at all; nothing to compare
-        assert T_dist is not None, f"{frame.name}: the distorted variant was not localised"
-        assert T_rect is not None, f"{frame.name}: the rectified variant was not localised"
-        for label, T in (("distorted", T_dist), ("rectified", T_rect)):
-            dt, dr = pose_error(T, T_orig)
-            assert dt < SAME_POSE_T_M and dr < SAME_POSE_R_DEG, f"{frame.name} {label}: {100 * dt:.1f} cm, {dr:.2f} deg from the original"
         compared += 1
-        if T_undeclared is None or max(pose_error(T_undeclared, T_orig)[0] / SAME_POSE_T_M,
-                                       pose_error(T_undeclared, T_orig)[1] / SAME_POSE_R_DEG) > 0.5:
+        for label, T in (("distorted", T_dist), ("rectified", T_rect)):
+            if T is None:
+                problems.append(f"{frame.name} {label}: not localised")
+                continue
+            dt, dr = pose_error(T, T_orig)
+            table.append(f"{frame.name} {label}: {100 * dt:.1f} cm, {dr:.2f} deg")
+            if not (dt < SAME_POSE_T_M and dr < SAME_POSE_R_DEG):
+                problems.append(table[-1])
+        if T_undeclared is None:
             control_moved += 1
+            table.append(f"{frame.name} distorted without D: not localised")
+        else:
+            dt, dr = pose_error(T_undeclared, T_orig)
+            table.append(f"{frame.name} distorted without D: {100 * dt:.1f} cm, {dr:.2f} deg")
+            control_moved += int(dt > 2 * SAME_POSE_T_M or dr > 2 * SAME_POSE_R_DEG)
+    print("\n".join(table))
     assert compared >= N_FRAMES - 1, f"only {compared} of {N_FRAMES} original frames localised"
+    assert not problems, "variants off the original pose:\n" + "\n".join(problems + ["all:"] + table)
     # Ignoring the lens must show: the check above can fail.
-    assert control_moved >= 1, "distorted images without their D gave the original pose: the test cannot tell"
+    assert control_moved >= 1, "distorted images without their D gave the original pose:\n" + "\n".join(table)

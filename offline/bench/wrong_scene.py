@@ -122,14 +122,16 @@ def _score(rows: list[dict[str, Any]], queries: list[Query], same_scene: bool) -
 def bench_wrong_scene(args) -> None:
     from d2s_nerf_ros.camera import CameraIntrinsics
     from d2s_nerf_ros.localizer import LocalizerConfig
+    from offline.demo_scene import DEMO_CAMERA
 
     runs, map_dir = runs_and_map(args)
-    camera = CameraIntrinsics(640, 480, 500.0, 500.0, 319.5, 239.5)  # RedKitchen's image size
     demo_map = Path(args.demo_map) if args.demo_map else runs / "wrong_scene_demo_map"
     if not (demo_map / "manifest.json").is_file():
         print(f"building the demo-room map {demo_map} ({args.demo_map_frames} views, "
               f"{args.demo_train_iterations} iterations; once, reused by later runs)", flush=True)
-        print("\n".join(build_soak_map(demo_map, camera, args.demo_train_iterations, args.demo_map_frames)), flush=True)
+        print("\n".join(build_soak_map(demo_map, DEMO_CAMERA, args.demo_train_iterations, args.demo_map_frames)), flush=True)
+    # Demo-room queries at the demo map's own camera (the node takes any image size with its CameraInfo).
+    camera = CameraIntrinsics.from_dict(json.loads((demo_map / "manifest.json").read_text())["camera"])
     kitchen = redkitchen_queries(Path(args.data), map_dir, args.query_every, args.frames, runs / "wrong_scene_source")
     room = demo_room_queries(args.frames, camera)
 
@@ -167,7 +169,8 @@ def bench_wrong_scene(args) -> None:
 
 - Command: `{shown_command(args, "wrong-scene", always=("map",))}`
 - Machine: {machine()}; date {datetime.date.today().isoformat()}; 1-minute load average {load0:.1f} before, {load1:.1f} after
-- Through the node process (`python -m d2s_nerf_ros.node`, device cpu, reliable image QoS), one 640x480 rgb8 frame at a time.
+- Through the node process (`python -m d2s_nerf_ros.node`, device cpu, reliable image QoS), one raw rgb8 frame at a time
+  (RedKitchen 640x480, demo room {camera.width}x{camera.height}).
 - Maps: RedKitchen `{shown_map}`{map_note} ({len(manifest.get('frames', []))} mapping frames); the demo room
   ({args.demo_map_frames} rendered views, depth labels, {args.demo_train_iterations} iterations, `build_soak_map`).
 - Query frames: {len(kitchen)} RedKitchen frames (every {args.query_every}th held-out frame: frames of the same recording
@@ -187,8 +190,8 @@ def add_wrong_scene_parser(sub) -> None:
     w = sub.add_parser("wrong-scene", help="poses the node publishes for frames of another scene, and the recall the gates cost")
     add_map_benchmark_arguments(w)
     w.add_argument("--demo-map", help="demo-room map (default: RUNS/wrong_scene_demo_map, built on first use)")
-    w.add_argument("--demo-map-frames", type=int, default=30)
-    w.add_argument("--demo-train-iterations", type=int, default=1500)
+    w.add_argument("--demo-map-frames", type=int, default=24)
+    w.add_argument("--demo-train-iterations", type=int, default=400)
     w.add_argument("--query-every", type=int, default=12, help="every N-th held-out RedKitchen frame")
     w.add_argument("--frames", type=int, default=30, help="query frames per scene")
     w.add_argument("--answer-timeout", type=float, default=30.0)
