@@ -2,7 +2,9 @@
 
 Pipeline: check the image -> local features with the map's extractor -> D2S scene
 coordinates and reliabilities -> keep the reliable ones -> undistort the keypoints ->
-PnP-RANSAC (``d2s_nerf_ros.pnp``). ``Localizer.localize`` never raises: anything that goes
+PnP-RANSAC (``d2s_nerf_ros.pnp``) -> acceptance gates (inlier count, inlier ratio, reprojection
+RMSE) -> covariance from the map's error model (``d2s_nerf_ros.error_model``).
+``Localizer.localize`` never raises: anything that goes
 wrong with a frame becomes ``success=False`` with a reason, so a node can keep running
 whatever the camera sends.
 
@@ -26,7 +28,8 @@ from d2s_nerf_ros.features.base import Features
 from d2s_nerf_ros.features.onnx_runtime import BACKEND_CHOICES
 from d2s_nerf_ros.map_bundle import MapBundle
 from d2s_nerf_ros.models.d2s import reliability
-from d2s_nerf_ros.pnp import PnPConfig, solve_pnp_ransac
+from d2s_nerf_ros.error_model import ErrorModel
+from d2s_nerf_ros.pnp import REFERENCE_DIAGONAL_PX, PnPConfig, solve_pnp_ransac
 
 # Smallest image side the localizer accepts; below this no extractor finds useful structure.
 MIN_IMAGE_SIDE_PX = 16
@@ -39,6 +42,14 @@ class LocalizerConfig:
     ransac_threshold_px: float = 12.0  # at 640x480, scaled with the image diagonal
     ransac_iterations: int = 10000
     min_inliers: int = 15
+    # Acceptance gates against confident wrong poses (frames of another place, blank walls): RANSAC
+    # always finds some consistent subset, so the count alone is not evidence.
+    # Measured (docs/BENCHMARKS.md, wrong-scene): held-out RedKitchen frames 0.11-0.41, demo-room
+    # frames against the RedKitchen map 0.026-0.039 at 21-30 inliers (the count alone cannot tell).
+    min_inlier_ratio: float = 0.07            # n_inliers / correspondences given to PnP
+    # Inlier RMSE is ~7 px for true and wrong frames alike at the 12 px threshold (RANSAC fills
+    # the threshold either way): only a sanity bound, not what tells scenes apart.
+    max_reprojection_rmse_px: float = 9.0     # at 640x480, scaled with the image diagonal
     device: str = "auto"
     extractor_backend: str = "auto"  # auto | torch | onnxruntime (auto: onnxruntime on the CPU, torch on CUDA)
     num_threads: int = 0             # torch and onnxruntime intra/inter-op threads; 0: the libraries' defaults
@@ -59,6 +70,10 @@ class LocalizerConfig:
                              f"got {self.extractor_backend!r}")
         if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int) or self.num_threads < 0:
             raise ValueError(f"num_threads must be an integer >= 0 (0: library default), got {self.num_threads!r}")
+        if not (math.isfinite(self.min_inlier_ratio) and 0.0 <= self.min_inlier_ratio <= 1.0):
+            raise ValueError(f"min_inlier_ratio must be in [0, 1], got {self.min_inlier_ratio}")
+        if not (math.isfinite(self.max_reprojection_rmse_px) and self.max_reprojection_rmse_px > 0):
+            raise ValueError(f"max_reprojection_rmse_px must be positive, got {self.max_reprojection_rmse_px}")
 
     def pnp_config(self) -> PnPConfig:
         return PnPConfig(threshold_px=float(self.ransac_threshold_px), iterations=int(self.ransac_iterations),
@@ -75,13 +90,19 @@ class LocalizationResult:
     success: bool
     reason: str                         # "" on success
     T_world_cam: np.ndarray | None      # 4x4 camera-to-world in the map frame; None on failure
-    covariance: np.ndarray | None       # 6x6 (x y z rx ry rz) of the camera pose in world, see pnp.py
+    covariance: np.ndarray | None       # 6x6 (x y z rx ry rz) of the camera pose in world (pnp.py), from the map's error model
     n_keypoints: int
     n_reliable: int                     # predictions that passed the reliability threshold
     n_inliers: int
     timings_ms: dict[str, float] = field(default_factory=dict)  # extract, d2s, pnp, total (stages reached)
     used_fallback: bool = False         # too few reliable predictions: PnP got the top-k most reliable
     reprojection_rmse_px: float = float("nan")
+    n_correspondences: int = 0          # 2D-3D pairs given to PnP
+    inlier_ratio: float = float("nan")  # n_inliers / n_correspondences (also on a gated failure)
+    # PnP's pose even when a gate refused it (None when PnP found none): for measuring the gates.
+    rejected_T_world_cam: np.ndarray | None = None
+    inliers_2d: np.ndarray | None = None  # (n, 2) undistorted pixels of the PnP inliers (success only)
+    inliers_3d: np.ndarray | None = None  # (n, 3) their regressed world coordinates
 
 
 def check_frame(image: object, camera: object) -> np.ndarray:
@@ -134,6 +155,9 @@ class Localizer:
             raise ValueError(f"the map's D2S model expects {model_dim}-d descriptors but its extractor "
                              f"{extractor_config.get('name')!r} gives {self.extractor.descriptor_dim}-d ones")
         self.pnp_config = self.config.pnp_config()
+        # How wrong the regressed coordinates are, measured when the map was built (or the
+        # documented fallback for maps without one): it turns PnP's fit into a pose covariance.
+        self.error_model = ErrorModel.from_manifest(bundle.manifest)
 
     @classmethod
     def from_path(cls, map_path: Path | str, config: LocalizerConfig | None = None) -> "Localizer":
@@ -245,20 +269,46 @@ class Localizer:
         timings["pnp"] = (time.perf_counter() - t0) * 1e3
         counts["n_inliers"] = int(pnp.n_inliers)
 
-        success = bool(pnp.success) and pnp.n_inliers >= min_inliers
+        n_correspondences = len(selected)
+        inlier_ratio = pnp.n_inliers / n_correspondences if n_correspondences else float("nan")
         reason = pnp.reason
+        if pnp.success:
+            reason = self._gate(pnp.n_inliers, inlier_ratio, float(pnp.reprojection_rmse_px), camera)
         if used_fallback:
             note = (f"only {n_reliable} predictions with reliability >= {self.config.reliability_threshold:g}; "
                     f"used the {len(selected)} most reliable")
             reason = f"{reason} ({note})" if reason else ""
-        if not success:
-            if not reason:
-                reason = f"only {pnp.n_inliers} inliers (minimum {min_inliers})"
+        if reason:
             result = self._failure(reason, counts, timings)
             result.used_fallback = used_fallback
+            result.n_correspondences, result.inlier_ratio = n_correspondences, inlier_ratio
+            result.reprojection_rmse_px = float(pnp.reprojection_rmse_px)
+            result.rejected_T_world_cam = pnp.T_world_cam
+            return result
+        inliers_2d, inliers_3d = points2D[pnp.inlier_mask], xyz[selected][pnp.inlier_mask]
+        try:
+            covariance = self.error_model.pose_covariance(pnp.T_world_cam, inliers_2d, inliers_3d, camera)
+        except np.linalg.LinAlgError as exc:
+            result = self._failure(f"degenerate solution: {exc}", counts, timings)
+            result.n_correspondences, result.inlier_ratio = n_correspondences, inlier_ratio
             return result
         return LocalizationResult(
-            success=True, reason="", T_world_cam=pnp.T_world_cam, covariance=pnp.covariance,
+            success=True, reason="", T_world_cam=pnp.T_world_cam, covariance=covariance,
             n_keypoints=n_keypoints, n_reliable=n_reliable, n_inliers=int(pnp.n_inliers), timings_ms=timings,
             used_fallback=used_fallback, reprojection_rmse_px=float(pnp.reprojection_rmse_px),
+            n_correspondences=n_correspondences, inlier_ratio=inlier_ratio,
+            inliers_2d=inliers_2d, inliers_3d=inliers_3d,
         )
+
+    def _gate(self, n_inliers: int, inlier_ratio: float, rmse_px: float, camera: CameraIntrinsics) -> str:
+        """'' when a PnP pose passes the acceptance gates, else why it does not."""
+        c = self.config
+        if n_inliers < int(c.min_inliers):
+            return f"only {n_inliers} inliers (minimum {c.min_inliers})"
+        if not inlier_ratio >= float(c.min_inlier_ratio):
+            return (f"inlier ratio {inlier_ratio:.3f} below {c.min_inlier_ratio:g} ({n_inliers} inliers): "
+                    "probably not this map's scene")
+        max_rmse = float(c.max_reprojection_rmse_px) * math.hypot(camera.width, camera.height) / REFERENCE_DIAGONAL_PX
+        if not rmse_px <= max_rmse:
+            return f"inlier reprojection RMSE {rmse_px:.2f} px above {max_rmse:.2f} px"
+        return ""

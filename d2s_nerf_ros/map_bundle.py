@@ -2,7 +2,8 @@
 
     MAP/
       manifest.json     format, version, extractor, model, camera, frames, training,
-                        synthesis, metrics, and "files": {name: sha256}
+                        synthesis, metrics, error_model (optional, d2s_nerf_ros.error_model)
+                        and "files": {name: sha256}
       d2s.safetensors   the D2S weights (safetensors: loading never executes code)
       report.html ...   any extra files registered with the bundle
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from d2s_nerf_ros.camera import CameraIntrinsics
+from d2s_nerf_ros.error_model import ErrorModel
 from d2s_nerf_ros.device import DEVICE_CHOICES, resolve_device
 from d2s_nerf_ros.models.d2s import D2SConfig, D2SNet
 
@@ -153,6 +155,14 @@ class MapBundle:
         return CameraIntrinsics.from_dict(self.manifest["camera"])
 
     @property
+    def error_model(self) -> ErrorModel:
+        """The regressed coordinates' error model (``d2s_nerf_ros.error_model``); the fallback when absent."""
+        return ErrorModel.from_manifest(self.manifest)
+
+    def set_error_model(self, model: ErrorModel) -> None:
+        self.manifest["error_model"] = model.to_dict()
+
+    @property
     def extractor_config(self) -> dict[str, Any]:
         return self.manifest["extractor"]
 
@@ -257,6 +267,10 @@ class MapBundle:
             CameraIntrinsics.from_dict(manifest["camera"])
         except (ValueError, KeyError, TypeError) as e:
             raise MapBundleError(f"{manifest_path} has an invalid model or camera section: {e}") from e
+        try:  # optional: maps built before it existed get ErrorModel's documented fallback
+            ErrorModel.from_manifest(manifest)
+        except ValueError as e:
+            raise MapBundleError(f"{manifest_path} has an invalid error_model section: {e}") from e
         try:
             state = load_safetensors((path / WEIGHTS_NAME).read_bytes())
         except (SafetensorError, ValueError, RuntimeError) as e:

@@ -84,7 +84,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, Poi
 from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
 
-from d2s_nerf_ros.camera import CameraIntrinsics
+from d2s_nerf_ros.camera import CameraInfoError, CameraIntrinsics, camera_from_camera_info, rectification_hint
 from d2s_nerf_ros.errors import FrameRejected
 from d2s_nerf_ros.pose_gate import OdometryGate
 from d2s_nerf_ros.image_conversion import (
@@ -98,6 +98,7 @@ from d2s_nerf_ros.image_conversion import (
 from d2s_nerf_ros.tf_math import (
     TransformBuffer,
     TransformLookupError,
+    checked_pose_covariance,
     covariance_of_offset_pose,
     covariance_to_msg_list,
     map_to_odom,
@@ -136,7 +137,10 @@ class ParameterSpec:
 
 PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("map_path", "", "Map bundle directory (manifest.json + d2s.safetensors) written by `d2s-nerf build`. Required."),
-    ParameterSpec("image_topic", "/camera/image_raw", "sensor_msgs/Image topic of the camera (rectified or not: distortion comes from CameraInfo)."),
+    ParameterSpec("image_topic", "/camera/image_raw", "sensor_msgs/Image topic of the camera (raw or rectified: see rectified)."),
+    ParameterSpec("rectified", False, "The images are already rectified (e.g. image_proc's image_rect): use CameraInfo P (fx, fy, cx, cy) "
+                  "and ignore D. false: the images are raw; K and D (plumb_bob, rational_polynomial, equidistant) describe them. "
+                  "The topic name only produces a warning hint, never decides."),
     ParameterSpec("camera_info_topic", "/camera/camera_info", "sensor_msgs/CameraInfo topic matching the images."),
     ParameterSpec("use_compressed", False, "Subscribe sensor_msgs/CompressedImage on <image_topic>/compressed instead of raw images."),
     ParameterSpec("image_qos", "sensor_data", "QoS of the image subscription: sensor_data (best effort, accepts any publisher, "
@@ -153,6 +157,10 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("ransac_threshold_px", 12.0, "PnP-RANSAC inlier threshold in pixels at 640x480; scaled with the image diagonal (> 0)."),
     ParameterSpec("ransac_iterations", 10000, "Maximum PnP-RANSAC iterations (> 0)."),
     ParameterSpec("min_inliers", 15, "A pose needs at least this many PnP inliers (>= 4)."),
+    ParameterSpec("min_inlier_ratio", 0.07, "A pose needs at least this share of the PnP correspondences as inliers, in [0, 1] "
+                  "(frames of another scene gave 0.03-0.04, held-out RedKitchen frames 0.11-0.41; docs/BENCHMARKS.md, wrong-scene)."),
+    ParameterSpec("max_reprojection_rmse_px", 9.0, "A pose needs an inlier reprojection RMSE of at most this many pixels at 640x480, "
+                  "scaled with the image diagonal (> 0); a sanity bound (true and wrong frames both give ~7 px at the 12 px threshold)."),
     ParameterSpec("map_frame", "map", "Frame of the map (REP-105); the pose and TF are expressed in it."),
     ParameterSpec("odom_frame", "odom", "Odometry frame (REP-105): the node publishes map -> odom = T_map_cam * inv(T_odom_cam), "
                   "odom -> camera looked up on TF at the image stamp. Empty: no odometry; no TF unless allow_tf_without_odom."),
@@ -194,6 +202,7 @@ class NodeSettings:
     map_path: str
     image_topic: str
     camera_info_topic: str
+    rectified: bool
     use_compressed: bool
     image_qos: str
     device: str
@@ -204,6 +213,8 @@ class NodeSettings:
     ransac_threshold_px: float
     ransac_iterations: int
     min_inliers: int
+    min_inlier_ratio: float
+    max_reprojection_rmse_px: float
     map_frame: str
     odom_frame: str
     base_frame: str
@@ -291,6 +302,7 @@ def settings_from_values(values: dict[str, Any]) -> NodeSettings:
         map_path=map_path,
         image_topic=topics["image_topic"],
         camera_info_topic=topics["camera_info_topic"],
+        rectified=flag("rectified"),
         use_compressed=flag("use_compressed"),
         image_qos=image_qos,
         device=device,
@@ -301,6 +313,8 @@ def settings_from_values(values: dict[str, Any]) -> NodeSettings:
         ransac_threshold_px=number("ransac_threshold_px", 0.0, low_open=True),
         ransac_iterations=integer("ransac_iterations", 1),
         min_inliers=integer("min_inliers", 4),
+        min_inlier_ratio=number("min_inlier_ratio", 0.0, 1.0),
+        max_reprojection_rmse_px=number("max_reprojection_rmse_px", 0.0, low_open=True),
         map_frame=frames["map_frame"],
         odom_frame=frames["odom_frame"],
         base_frame=frames["base_frame"],
@@ -320,40 +334,6 @@ def settings_from_values(values: dict[str, Any]) -> NodeSettings:
         publish_map_points=flag("publish_map_points"),
         autostart=flag("autostart"),
     )
-
-
-# --------------------------------------------------------------------------- camera info
-
-_PLUMB_BOB_MODELS = ("plumb_bob", "rational_polynomial")
-_EQUIDISTANT_MODELS = ("equidistant", "fisheye")
-
-
-def camera_from_camera_info(msg: CameraInfo) -> CameraIntrinsics:
-    """A ``sensor_msgs/CameraInfo`` as ``CameraIntrinsics``; ``FrameRejected`` says what is unusable."""
-    if int(msg.width) <= 0 or int(msg.height) <= 0:
-        raise FrameRejected(f"CameraInfo has no image size ({msg.width}x{msg.height})")
-    if int(msg.binning_x) > 1 or int(msg.binning_y) > 1:
-        raise FrameRejected(f"CameraInfo binning {msg.binning_x}x{msg.binning_y} is not supported")
-    roi = msg.roi
-    if int(roi.width) and (int(roi.width), int(roi.height)) != (int(msg.width), int(msg.height)):
-        raise FrameRejected("CameraInfo region of interest (cropped images) is not supported")
-    K = [float(k) for k in msg.k]
-    model = str(msg.distortion_model).strip().lower()
-    D = tuple(float(d) for d in msg.d)
-    if model in ("", "none") or not D:
-        model, D = "none", ()
-    elif model in _PLUMB_BOB_MODELS:
-        model = "plumb_bob"
-    elif model in _EQUIDISTANT_MODELS:
-        model = "equidistant"
-    else:
-        raise FrameRejected(f"CameraInfo distortion model {msg.distortion_model!r} is not supported "
-                            f"(plumb_bob, rational_polynomial, equidistant)")
-    try:
-        return CameraIntrinsics(width=int(msg.width), height=int(msg.height), fx=K[0], fy=K[4], cx=K[2], cy=K[5],
-                                distortion_model=model, distortion=D)
-    except ValueError as exc:
-        raise FrameRejected(f"invalid CameraInfo: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- newest-frame mailbox
@@ -651,6 +631,9 @@ class LocalizerNode(LifecycleNode):
         io.append(self.create_service(Trigger, "~/relocalize", self._on_relocalize,
                                       callback_group=MutuallyExclusiveCallbackGroup()))
 
+        hint = rectification_hint(self._image_topic, s.rectified)
+        if hint:
+            self.get_logger().warning(hint)
         self._worker = threading.Thread(target=self._work, name="localizer-worker", daemon=True)
         self._worker.start()
         self.get_logger().info(
@@ -712,8 +695,9 @@ class LocalizerNode(LifecycleNode):
         config = LocalizerConfig(
             max_keypoints=s.max_keypoints, reliability_threshold=s.reliability_threshold,
             ransac_threshold_px=s.ransac_threshold_px, ransac_iterations=s.ransac_iterations,
-            min_inliers=s.min_inliers, device=s.device, extractor_backend=s.extractor_backend,
-            num_threads=s.num_threads)
+            min_inliers=s.min_inliers, min_inlier_ratio=s.min_inlier_ratio,
+            max_reprojection_rmse_px=s.max_reprojection_rmse_px, device=s.device,
+            extractor_backend=s.extractor_backend, num_threads=s.num_threads)
         try:
             localizer = Localizer.from_path(s.map_path, config)
         except MapBundleError as exc:
@@ -807,9 +791,9 @@ class LocalizerNode(LifecycleNode):
             raise FrameRejected(f"no CameraInfo received on {self.settings.camera_info_topic} yet")
         if self._camera_cache is None or self._camera_cache[0] is not info:
             try:
-                result: CameraIntrinsics | FrameRejected = camera_from_camera_info(info)
-            except FrameRejected as exc:
-                result = exc
+                result: CameraIntrinsics | FrameRejected = camera_from_camera_info(info, rectified=self.settings.rectified)
+            except CameraInfoError as exc:
+                result = FrameRejected(str(exc))
             self._camera_cache = (info, result)
         result = self._camera_cache[1]
         if isinstance(result, FrameRejected):
@@ -846,7 +830,10 @@ class LocalizerNode(LifecycleNode):
 
         camera_frame = header.frame_id.lstrip("/")
         T_map_cam = np.asarray(result.T_world_cam, dtype=np.float64)
-        covariance = np.asarray(result.covariance, dtype=np.float64) if result.covariance is not None else None
+        try:  # a pose without a believable covariance is not published (never an all-zero "certain" one)
+            covariance = checked_pose_covariance(result.covariance)
+        except ValueError as exc:
+            raise FrameRejected(f"not localized: {exc}") from exc
         target_frame, T_map_target = camera_frame, T_map_cam
         if s.base_frame:
             if not camera_frame:
@@ -856,8 +843,7 @@ class LocalizerNode(LifecycleNode):
             except TransformLookupError as exc:
                 raise FrameRejected(f"no transform {camera_frame} -> {s.base_frame}: {exc}") from exc
             target_frame, T_map_target = s.base_frame, T_map_cam @ T_cam_base
-            if covariance is not None:
-                covariance = covariance_of_offset_pose(covariance, T_map_cam, T_cam_base)
+            covariance = covariance_of_offset_pose(covariance, T_map_cam, T_cam_base)
 
         T_odom_cam, odom_problem = self._odometry(camera_frame, stamp_ns)
         if self._gate is not None and T_odom_cam is not None:
@@ -871,8 +857,7 @@ class LocalizerNode(LifecycleNode):
         pose.header.stamp = header.stamp
         pose.header.frame_id = s.map_frame
         pose_to_msg_fields(T_map_target, pose.pose.pose)
-        if covariance is not None and np.all(np.isfinite(covariance)):
-            pose.pose.covariance = covariance_to_msg_list(covariance)
+        pose.pose.covariance = covariance_to_msg_list(covariance)
         self._pose_pub.publish(pose)
         if self._initial_pose_due and self._initial_pose_pub is not None:
             self._initial_pose_due = False

@@ -23,7 +23,8 @@ information matrix is ``J^T J / sigma^2``; the covariance is
     Sigma = sigma^2 (J^T J)^-1,    sigma^2 = sum_i |r_i|^2 / (2 n - 6)
 
 floored at ``PnPConfig.min_sigma_px`` so that a perfect fit still gives a positive definite
-matrix. Because J is taken directly with respect to the camera-in-world parametrisation,
+matrix. This is the reprojection-noise covariance only; ``d2s_nerf_ros.error_model`` adds
+the error of the regressed 3D coordinates and the map's calibration to it. Because J is taken directly with respect to the camera-in-world parametrisation,
 no further propagation is needed (it equals propagating the covariance of a camera-frame
 perturbation through the adjoint of the pose).
 """
@@ -141,8 +142,14 @@ def pose_jacobian(T_world_cam: np.ndarray, K: np.ndarray, points3D: np.ndarray) 
 
 
 def pose_covariance(T_world_cam: np.ndarray, K: np.ndarray, points2D: np.ndarray, points3D: np.ndarray,
-                    min_sigma_px: float = 0.25) -> tuple[np.ndarray, float]:
+                    min_sigma_px: float = 0.25, coordinate_sigma_m: float = 0.0) -> tuple[np.ndarray, float]:
     """(6x6 covariance, sigma in px) of ``T_world_cam`` from these inlier correspondences.
+
+    ``coordinate_sigma_m`` > 0 adds the error of the 3D points themselves (regressed scene
+    coordinates are far noisier than detected keypoints): point i's reprojection covariance is
+    then ``sigma^2 I + coordinate_sigma_m^2 D_i D_i^T`` (``D_i`` = d pixel / d point), so near
+    points, whose coordinate error moves their projection most, add the most uncertainty
+    (``d2s_nerf_ros.error_model``).
 
     Raises ``np.linalg.LinAlgError`` when the information matrix is singular (degenerate geometry).
     """
@@ -150,16 +157,34 @@ def pose_covariance(T_world_cam: np.ndarray, K: np.ndarray, points2D: np.ndarray
     residuals, _ = reprojection_residuals(T_world_cam, K, points2D, points3D)
     dof = max(2 * n - 6, 1)
     sigma = max(math.sqrt(float(np.sum(residuals**2)) / dof), float(min_sigma_px))
-    J = pose_jacobian(T_world_cam, K, points3D).reshape(-1, 6)
+    J = pose_jacobian(T_world_cam, K, points3D).reshape(-1, 6)      # (2n, 6)
     info = J.T @ J
     # Scale columns so the conditioning test is unit-free (metres vs radians).
     d = np.sqrt(np.clip(np.diag(info), 1e-300, None))
     info_n = info / np.outer(d, d)
     if np.linalg.cond(info_n) > 1e10:
         raise np.linalg.LinAlgError("information matrix is singular: the pose is not observable")
-    cov = sigma**2 * np.linalg.inv(info_n) / np.outer(d, d)
+    A_inv = np.linalg.inv(info_n) / np.outer(d, d)
+    # The refinement is an unweighted least-squares fit, so with unequal point variances its
+    # covariance is the sandwich A^-1 (J^T V J) A^-1, not the (smaller) weighted-fit bound;
+    # with equal variances it reduces to sigma^2 (J^T J)^-1.
+    pixel_cov = sigma**2 * np.eye(2) + float(coordinate_sigma_m) ** 2 * _projection_outer(T_world_cam, K, points3D)
+    J3 = J.reshape(n, 2, 6)
+    middle = np.einsum("nai,nab,nbj->ij", J3, pixel_cov, J3)
+    cov = A_inv @ middle @ A_inv
     cov = 0.5 * (cov + cov.T)
     return cov, sigma
+
+
+def _projection_outer(T_world_cam: np.ndarray, K: np.ndarray, points3D: np.ndarray) -> np.ndarray:
+    """(n, 2, 2) ``D D^T`` with ``D`` = d(pixel)/d(world point): the pixel covariance that an
+    isotropic unit 3D error of each point causes (rotation-invariant, so camera-frame D serves)."""
+    p_cam = (points3D - T_world_cam[:3, 3]) @ T_world_cam[:3, :3]
+    x, y, z = p_cam[:, 0], p_cam[:, 1], np.maximum(p_cam[:, 2], 1e-6)
+    D = np.zeros((len(points3D), 2, 3))
+    D[:, 0, 0], D[:, 0, 2] = K[0, 0] / z, -K[0, 0] * x / z**2
+    D[:, 1, 1], D[:, 1, 2] = K[1, 1] / z, -K[1, 1] * y / z**2
+    return D @ D.transpose(0, 2, 1)
 
 
 def _validate_inputs(points2D, points3D, camera) -> tuple[str, np.ndarray | None, np.ndarray | None]:

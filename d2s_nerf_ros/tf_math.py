@@ -130,6 +130,27 @@ def covariance_of_offset_pose(covariance: np.ndarray, T_world_a: np.ndarray, T_a
     return 0.5 * (out + out.T)
 
 
+def checked_pose_covariance(covariance: Any) -> np.ndarray:
+    """``covariance`` as a 6x6 float array fit to publish, or ``ValueError`` saying why not.
+
+    A missing, non-finite, asymmetric or not positive definite matrix is refused: published as
+    all zeros it would read as "perfectly certain", and a filter gating by Mahalanobis
+    distance (robot_localization) would trust the pose completely.
+    """
+    if covariance is None:
+        raise ValueError("the pose has no covariance")
+    C = np.asarray(covariance, dtype=np.float64)
+    if C.shape != (6, 6):
+        raise ValueError(f"covariance must be 6x6, got {C.shape}")
+    if not np.all(np.isfinite(C)):
+        raise ValueError("covariance has non-finite values")
+    if np.abs(C - C.T).max() > 1e-9 * max(np.abs(C).max(), 1e-300):
+        raise ValueError("covariance is not symmetric")
+    if np.linalg.eigvalsh(0.5 * (C + C.T)).min() <= 0.0:
+        raise ValueError("covariance is not positive definite")
+    return C
+
+
 def covariance_to_msg_list(covariance: np.ndarray) -> list[float]:
     """6x6 -> the 36 row-major floats of ``PoseWithCovariance.covariance``."""
     C = np.asarray(covariance, dtype=np.float64)
@@ -140,10 +161,19 @@ def covariance_to_msg_list(covariance: np.ndarray) -> list[float]:
     return [float(v) for v in C.reshape(36)]
 
 
-# --- a small TF buffer ------------------------------------------------------------------------
+# --- the TF buffer -----------------------------------------------------------------------------
+
+NS_PER_S = 1_000_000_000
+
 
 class TransformLookupError(LookupError):
-    """No transform between two frames at the time asked (unknown frame, no path, extrapolation)."""
+    """No transform between two frames at the time asked. ``kind`` says why, so a caller can
+    tell a per-stamp gap (``"out_of_range"``: skip that image) from a broken tree
+    (``"unknown_frame"``, ``"no_path"``: nothing will ever work)."""
+
+    def __init__(self, message: str, kind: str = "out_of_range") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -154,72 +184,128 @@ class _Edge:
     poses: list[np.ndarray] = field(default_factory=list)  # T_parent_child, same order
 
 
+def _as_rigid(T: np.ndarray, parent: str, child: str) -> np.ndarray:
+    T = np.array(T, dtype=np.float64)
+    if T.shape != (4, 4) or not np.all(np.isfinite(T)):
+        raise ValueError(f"transform {parent} -> {child} must be a finite 4x4 matrix, got shape {T.shape}")
+    R = T[:3, :3]
+    if np.abs(R.T @ R - np.eye(3)).max() > 1e-5 or np.linalg.det(R) < 0:
+        raise ValueError(f"transform {parent} -> {child} does not hold a rotation")
+    return T
+
+
 class TransformBuffer:
-    """Enough of tf2's buffer for the localizer: a tree of timed edges, interpolation, chains.
+    """One TF buffer for the node (live ``/tf``) and the bag source (a whole recording).
 
-    A robot install has tf2_ros and the node uses it there; in the pip environment this
-    class stands in (it is not a general replacement: no time travel between two times,
-    no multiple-parent detection beyond "last parent wins" like tf2).
+    The semantics are tf2's: an entry ``(parent, child, T_parent_child)`` maps points of
+    ``child`` into ``parent``; ``lookup(target, source, stamp_ns)`` returns ``T_target_source``,
+    composing only the edges below the two frames' common ancestor (an edge above it, e.g. the
+    node's own map -> odom, need not have data at that time). Static edges hold at every time;
+    dynamic ones are interpolated between the two samples around the stamp (linear translation,
+    slerp rotation), never extrapolated. Thread-safe.
 
-    ``lookup(target, source, stamp_ns)`` returns ``T_target_source`` at that time:
-    dynamic edges are interpolated (linear position, slerp rotation) between the two
-    samples around the time; static edges hold at every time. ``stamp_ns == 0`` means
-    "the latest sample of each edge". Thread-safe.
+    Live (the default): ``cache_s`` of samples per edge are kept, ``stamp_ns == 0`` means the
+    latest sample of each edge, and a new parent of a frame replaces the old one (as tf2 does).
+    A robot install has tf2_ros and the node uses it there; this stands in elsewhere.
+
+    Recording (``cache_s=None, strict=True``): every sample is kept; a frame given a second
+    parent, or a transform recorded both static and dynamic, is a ``ValueError``; and
+    ``lookup(..., tolerance_ns=...)`` bounds how far a stamp may be from the samples used.
     """
 
-    def __init__(self, cache_s: float = 10.0) -> None:
-        self.cache_ns = int(cache_s * 1e9)
+    def __init__(self, cache_s: float | None = 10.0, strict: bool = False) -> None:
+        self.cache_ns = None if cache_s is None else int(cache_s * 1e9)
+        self.strict = strict
         self._edges: dict[str, _Edge] = {}
         self._lock = threading.Lock()
 
+    # --- filling ------------------------------------------------------------------------------
     def set_transform(self, parent: str, child: str, stamp_ns: int, T_parent_child: np.ndarray, static: bool = False) -> None:
+        """One sample (or, ``static``, the timeless value) of ``T_parent_child``; samples may come in any order."""
         parent, child = parent.lstrip("/"), child.lstrip("/")
         if not parent or not child or parent == child:
-            raise ValueError(f"a transform needs two different non-empty frames, got {parent!r} -> {child!r}")
-        _check_pose(T_parent_child)
-        T = np.array(T_parent_child, dtype=np.float64)
+            raise ValueError(f"a transform needs two different non-empty frames, got {parent!r} -> {child!r}"
+                             + (" (a frame to itself)" if parent and parent == child else ""))
+        T = _as_rigid(T_parent_child, parent, child)
+        stamp_ns = int(stamp_ns)
         with self._lock:
             edge = self._edges.get(child)
+            if edge is not None and self.strict:
+                if edge.parent != parent:
+                    raise ValueError(f"frame {child!r} has two parents, {edge.parent!r} and {parent!r}; a TF tree allows one")
+                if edge.static != static:
+                    raise ValueError(f"transform {parent} -> {child} is recorded both as static (/tf_static) and as dynamic (/tf)")
             if edge is None or edge.parent != parent or edge.static != static:
                 edge = _Edge(parent=parent, static=static)
                 self._edges[child] = edge
             if static:
-                edge.stamps, edge.poses = [int(stamp_ns)], [T]
+                edge.stamps, edge.poses = [stamp_ns], [T]
                 return
-            i = bisect.bisect_left(edge.stamps, int(stamp_ns))
-            if i < len(edge.stamps) and edge.stamps[i] == int(stamp_ns):
-                edge.poses[i] = T
+            i = bisect.bisect_left(edge.stamps, stamp_ns)
+            if i < len(edge.stamps) and edge.stamps[i] == stamp_ns:
+                edge.poses[i] = T  # the last one given for a stamp wins
             else:
-                edge.stamps.insert(i, int(stamp_ns))
+                edge.stamps.insert(i, stamp_ns)
                 edge.poses.insert(i, T)
-            cutoff = edge.stamps[-1] - self.cache_ns
-            drop = bisect.bisect_left(edge.stamps, cutoff)
-            if drop:
-                del edge.stamps[:drop], edge.poses[:drop]
+            if self.cache_ns is not None:
+                drop = bisect.bisect_left(edge.stamps, edge.stamps[-1] - self.cache_ns)
+                if drop:
+                    del edge.stamps[:drop], edge.poses[:drop]
 
+    # --- queries ------------------------------------------------------------------------------
     def frames(self) -> set[str]:
         with self._lock:
-            return set(self._edges) | {e.parent for e in self._edges.values()}
+            return self._frames()
 
-    def lookup(self, target: str, source: str, stamp_ns: int) -> np.ndarray:
+    def _frames(self) -> set[str]:
+        return set(self._edges) | {e.parent for e in self._edges.values()}
+
+    def path(self, target: str, source: str) -> list[str]:
+        """Frames from ``target`` to ``source`` along the tree (both ends included)."""
+        with self._lock:
+            up_target, common, up_source = self._route(target.lstrip("/"), source.lstrip("/"))
+        return up_target[: up_target.index(common) + 1] + up_source[: up_source.index(common)][::-1]
+
+    def lookup(self, target: str, source: str, stamp_ns: int, tolerance_ns: int | None = None) -> np.ndarray:
+        """``T_target_source`` at ``stamp_ns``; ``TransformLookupError`` when it cannot be answered.
+
+        ``tolerance_ns`` None (live): any two samples around the stamp are interpolated and
+        ``stamp_ns == 0`` is the latest. An integer (recordings): both samples must be within it
+        of the stamp, and outside an edge's recording its end sample is used when that close.
+        """
         target, source = target.lstrip("/"), source.lstrip("/")
         with self._lock:
             if target == source:
                 return np.eye(4)
-            known = set(self._edges) | {e.parent for e in self._edges.values()}
-            for frame in (target, source):
-                if frame not in known:
-                    raise TransformLookupError(f"frame {frame!r} does not exist in the TF buffer")
-            # Find the common ancestor from the parent links alone, then compose only the
-            # edges below it: an edge above it (e.g. map -> odom) need not have data at this time.
-            up_source = self._ancestors(source)
-            up_target = set(self._ancestors(target))
-            common = next((f for f in up_source if f in up_target), None)
-            if common is None:
-                raise TransformLookupError(f"frames {target!r} and {source!r} are not connected in the TF tree")
-            T_common_source = self._compose_up_to(source, common, stamp_ns)
-            T_common_target = self._compose_up_to(target, common, stamp_ns)
+            up_target, common, up_source = self._route(target, source)
+            T_common_source = self._compose_up_to(up_source, common, int(stamp_ns), tolerance_ns)
+            T_common_target = self._compose_up_to(up_target, common, int(stamp_ns), tolerance_ns)
         return invert_pose(T_common_target) @ T_common_source
+
+    def can_lookup(self, target: str, source: str, stamp_ns: int, tolerance_ns: int | None = None) -> bool:
+        """Whether ``lookup`` answers at this stamp; a broken tree still raises."""
+        try:
+            self.lookup(target, source, stamp_ns, tolerance_ns)
+        except TransformLookupError as exc:
+            if exc.kind != "out_of_range":
+                raise
+            return False
+        return True
+
+    # --- internals (lock held) ------------------------------------------------------------------
+    def _route(self, target: str, source: str) -> tuple[list[str], str, list[str]]:
+        known = self._frames()
+        for frame in (target, source):
+            if frame not in known:
+                raise TransformLookupError(f"frame {frame!r} is not in the TF data "
+                                           f"(frames: {', '.join(sorted(known)) or 'none'})", "unknown_frame")
+        # The common ancestor from the parent links alone, then only the edges below it are composed.
+        up_source, up_target = self._ancestors(source), self._ancestors(target)
+        common = next((f for f in up_source if f in set(up_target)), None)
+        if common is None:
+            raise TransformLookupError(f"frames {target!r} and {source!r} are not connected: they are in separate "
+                                       f"TF trees (rooted at {up_target[-1]!r} and {up_source[-1]!r})", "no_path")
+        return up_target, common, up_source
 
     def _ancestors(self, frame: str) -> list[str]:
         """The frame itself, its parent, ... up to the root."""
@@ -227,31 +313,42 @@ class TransformBuffer:
         while frame in self._edges:
             frame = self._edges[frame].parent
             if frame in chain:
-                raise TransformLookupError(f"the TF tree has a loop through {frame!r}")
+                raise TransformLookupError(f"the TF tree has a loop through {frame!r}", "no_path")
             chain.append(frame)
         return chain
 
-    def _compose_up_to(self, frame: str, ancestor: str, stamp_ns: int) -> np.ndarray:
-        """T_ancestor_frame at the given time."""
+    def _compose_up_to(self, chain: list[str], ancestor: str, stamp_ns: int, tolerance_ns: int | None) -> np.ndarray:
+        """T_ancestor_frame for ``chain[0]`` at the given time."""
         T = np.eye(4)
-        while frame != ancestor:
-            edge = self._edges[frame]
-            T = self._edge_at(edge, frame, stamp_ns) @ T
-            frame = edge.parent
+        for frame in chain[: chain.index(ancestor)]:
+            T = self._edge_at(self._edges[frame], frame, stamp_ns, tolerance_ns) @ T
         return T
 
     @staticmethod
-    def _edge_at(edge: _Edge, child: str, stamp_ns: int) -> np.ndarray:
-        if edge.static or stamp_ns == 0:
-            return edge.poses[-1]
-        stamps = edge.stamps
-        if stamp_ns < stamps[0] or stamp_ns > stamps[-1]:
+    def _edge_at(edge: _Edge, child: str, stamp_ns: int, tolerance_ns: int | None) -> np.ndarray:
+        stamps, poses = edge.stamps, edge.poses
+        if edge.static or (stamp_ns == 0 and tolerance_ns is None):
+            return poses[-1]
+        first, last = stamps[0], stamps[-1]
+        if stamp_ns < first or stamp_ns > last:
+            gap = first - stamp_ns if stamp_ns < first else stamp_ns - last
+            if tolerance_ns is None:
+                raise TransformLookupError(
+                    f"{edge.parent} -> {child} at {stamp_ns / NS_PER_S:.6f} s would need extrapolation: "
+                    f"data covers {first / NS_PER_S:.6f} .. {last / NS_PER_S:.6f} s")
+            if gap <= tolerance_ns:
+                return poses[0] if stamp_ns < first else poses[-1]
             raise TransformLookupError(
-                f"{edge.parent} -> {child} at {stamp_ns * 1e-9:.6f} s would need extrapolation: "
-                f"data covers {stamps[0] * 1e-9:.6f} .. {stamps[-1] * 1e-9:.6f} s"
-            )
+                f"transform {edge.parent} -> {child} is recorded from {first / NS_PER_S:.6f} s to "
+                f"{last / NS_PER_S:.6f} s; stamp {stamp_ns / NS_PER_S:.6f} s is {gap / 1e6:.1f} ms outside "
+                f"(tolerance {tolerance_ns / 1e6:.1f} ms)")
         i = bisect.bisect_left(stamps, stamp_ns)
         if stamps[i] == stamp_ns:
-            return edge.poses[i]
+            return poses[i]
         t0, t1 = stamps[i - 1], stamps[i]
-        return interpolate_pose(edge.poses[i - 1], edge.poses[i], (stamp_ns - t0) / (t1 - t0))
+        if tolerance_ns is not None and (stamp_ns - t0 > tolerance_ns or t1 - stamp_ns > tolerance_ns):
+            raise TransformLookupError(
+                f"transform {edge.parent} -> {child} has a gap from {t0 / NS_PER_S:.6f} s to {t1 / NS_PER_S:.6f} s "
+                f"around stamp {stamp_ns / NS_PER_S:.6f} s; the samples on each side must be within the "
+                f"tolerance of {tolerance_ns / 1e6:.1f} ms")
+        return interpolate_pose(poses[i - 1], poses[i], (stamp_ns - t0) / (t1 - t0))

@@ -68,6 +68,9 @@ class BuildConfig:
     train_loss_reduction: str = "normalised"  # "normalised" | "published" (the D2S code's sums)
     train_early_batch: tuple[int, int] | None = None  # (images, keypoints each) for the first half of training
     validation_frames: int = 6          # non-mapping frames for the learning curves, never scored as queries
+    # Posed non-mapping frames of the source on which the map's error model (pose covariance) is
+    # measured (offline/error_model_fit.py); 0, or a source without such frames: the fallback model.
+    error_model_frames: int = 12
 
     def validate(self) -> None:
         if self.labels not in LABEL_MODES:
@@ -342,7 +345,7 @@ def build_map(frameset: FrameSet, out: Path, config: BuildConfig, work_dir: Path
     training = training_stage(runner, config, labels, augmentation, synthesis, extractor, validation_frames,
                               progress, log)
     return bundle_stage(runner, config, out, mapping, extractor, labels, augmentation, synthesis, training,
-                        query_frames)
+                        query_frames, all_frames=list(frameset.frames), log=log)
 
 
 def mapping_frames_stage(frameset: FrameSet, config: BuildConfig, work_dir: Path) -> MappingFrames:
@@ -570,8 +573,10 @@ def training_stage(runner: StageRunner, config: BuildConfig, labels: RealLabels,
 
 def bundle_stage(runner: StageRunner, config: BuildConfig, out: Path, mapping: MappingFrames, extractor,
                  labels: RealLabels, augmentation: Augmentation, synthesis: Synthesis, training: Training,
-                 query_frames: list[Frame] | None = None) -> BuildSummary:
-    """The map bundle at ``out`` with its report (``offline.report``), written once and complete."""
+                 query_frames: list[Frame] | None = None, all_frames: list[Frame] | None = None,
+                 log: Callable[[str], None] = print) -> BuildSummary:
+    """The map bundle at ``out`` with its report (``offline.report``), written once and complete; its error
+    model (pose covariance) is measured on posed frames of ``all_frames`` that are not mapping frames."""
     from safetensors.numpy import save as safetensors_bytes
 
     from d2s_nerf_ros.map_bundle import MapBundle
@@ -595,6 +600,7 @@ def bundle_stage(runner: StageRunner, config: BuildConfig, out: Path, mapping: M
     # a failure anywhere leaves either the previous map or none there, never one without a report.
     # Named after OUT: builds of other maps that share this work directory stage beside it.
     staged = bundle.save(work_dir / f"{STAGED_BUNDLE}-{out.name}")
+    _add_error_model(bundle, staged, all_frames or [], {f.name for f in frames}, config, log)
     report = write_report(staged, work_dir / "report.html", frames, labels.images, training.history, synthesis.stats,
                           query_frames=query_frames, map_name=out.name, learning_curves=training.curves)
     bundle.add_file("report.html", report)
@@ -610,6 +616,25 @@ def _save_label_arrays(d: Path, labels: dict[str, tuple[np.ndarray, np.ndarray]]
         arrays[f"{name}::points3D"] = pts
         arrays[f"{name}::valid"] = valid
     np.savez(d / "labels.npz", **arrays)
+
+
+def _add_error_model(bundle, staged: Path, all_frames: list[Frame], mapping_names: set[str], config: BuildConfig,
+                     log: Callable[[str], None]) -> None:
+    """Measure the staged map's error model on held-out posed frames and put it in ``bundle``."""
+    from d2s_nerf_ros.localizer import Localizer, LocalizerConfig
+    from offline.error_model_fit import calibration_frames, fit_error_model
+
+    held_out = calibration_frames(all_frames, mapping_names, config.error_model_frames)
+    if not held_out:
+        log("error model: no posed frames outside the mapping selection; the map gets the fallback model "
+            "(d2s_nerf_ros/error_model.py); `d2s-nerf calibrate` can measure one later")
+        return
+    try:
+        model = fit_error_model(Localizer.from_path(staged, LocalizerConfig(device=config.device)), held_out, log)
+    except ValueError as exc:
+        log(f"error model: {exc}; the map gets the fallback model")
+        return
+    bundle.set_error_model(model)
 
 
 def _load_label_arrays(d: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -4,6 +4,7 @@ Examples::
 
     d2s-nerf build ../shared/data/7scenes_redkitchen --out maps/redkitchen --fraction 0.04 --no-synthesis
     d2s-nerf evaluate maps/redkitchen ../shared/data/7scenes_redkitchen --out runs/eval --every 10
+    d2s-nerf calibrate maps/redkitchen ../shared/data/7scenes_redkitchen      (error model of an older map)
     d2s-nerf replay ../shared/data/7scenes_redkitchen --rate 2 --out runs/replay --every 20
     d2s-nerf demo --work runs/demo
 """
@@ -95,6 +96,8 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pose-to-camera", type=_pose_to_camera,
                    help="fixed extrinsic x,y,z,qx,qy,qz,qw of the camera optical frame in the pose's frame")
     g.add_argument("--intrinsics", type=_intrinsics, help="fx,fy,cx,cy when the source has no camera info")
+    g.add_argument("--rectified", action="store_true",
+                   help="the bag's images are rectified: use CameraInfo P (fx, fy, cx, cy) and ignore D")
     g.add_argument("--min-motion", type=float, help="keep a bag frame only after this many metres of motion")
 
 
@@ -108,7 +111,7 @@ def bag_source_options(args, fraction: float | None = None, every: int | None = 
         camera_frame=getattr(args, "camera_frame", None), pose_topic=getattr(args, "pose_topic", None),
         pose_to_camera=getattr(args, "pose_to_camera", None), min_motion_m=getattr(args, "min_motion", None),
         scale=getattr(args, "scale", None), known_distance=getattr(args, "known_distance", None),
-        fraction=fraction, every=every)
+        rectified=bool(getattr(args, "rectified", False)), fraction=fraction, every=every)
 
 
 def open_frames(args, source: Path, out_dir: Path, fraction: float | None = None, every: int | None = None):
@@ -211,6 +214,11 @@ def cmd_evaluate(args) -> int:
         cfg = LocalizerConfig(device=args.device, extractor_backend=args.extractor_backend, num_threads=args.num_threads)
         if args.reliability_threshold is not None:
             cfg.reliability_threshold = args.reliability_threshold
+        for name in ("min_inliers", "min_inlier_ratio"):
+            if getattr(args, name) is not None:
+                setattr(cfg, name, getattr(args, name))
+        if args.max_reprojection_rmse is not None:
+            cfg.max_reprojection_rmse_px = args.max_reprojection_rmse
         method = Localizer.from_path(Path(args.map), cfg)
         method.warmup()
         if args.feature_cache:
@@ -244,6 +252,27 @@ def cmd_evaluate(args) -> int:
     print(json.dumps({k: written.get(k) for k in (
         "n_queries", "n_failed", "median_translation_m", "median_translation_ci95_m", "median_rotation_deg",
         "recall_2cm", "recall_5cm", "recall_10cm", "recall_5cm_5deg", "recall_10cm_10deg")}, indent=1))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import tempfile
+
+    from d2s_nerf_ros.localizer import Localizer, LocalizerConfig
+    from d2s_nerf_ros.map_bundle import MapBundle
+    from offline.error_model_fit import calibration_frames, fit_error_model
+
+    bundle = MapBundle.load(Path(args.map), device="cpu")
+    map_names = {f["name"] for f in bundle.manifest.get("frames", [])}
+    with tempfile.TemporaryDirectory(prefix="d2s-calibrate-") as tmp:
+        frameset = open_frames(args, Path(args.source), Path(tmp))
+        frames = calibration_frames(frameset.frames, map_names, args.frames)
+        if not frames:
+            raise ValueError(f"{args.source} has no posed frames besides the map's own")
+        model = fit_error_model(Localizer(bundle, LocalizerConfig(device=args.device)), frames)
+    bundle.set_error_model(model)
+    out = bundle.save(Path(args.out) if args.out else Path(args.map))
+    print(json.dumps({"map": str(out), "error_model": {k: v for k, v in model.to_dict().items() if k != "frames"}}, indent=1))
     return 0
 
 
@@ -358,9 +387,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="d2s: reuse query features from DIR (keyed by extractor settings and image bytes), "
                         "extracting only what is missing; scoring another map then costs only D2S + PnP")
     add_runtime_arguments(e)
+    e.add_argument("--min-inliers", type=int, help="accept a pose with at least this many PnP inliers (default 15)")
+    e.add_argument("--min-inlier-ratio", type=float,
+                   help="accept a pose only when this share of the correspondences are inliers (default 0.07)")
+    e.add_argument("--max-reprojection-rmse", type=float, metavar="PX",
+                   help="accept a pose only when the inlier RMSE is at most PX pixels at 640x480 (default 9)")
     e.add_argument("--quiet", action="store_true")
     add_source_arguments(e)
     e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("calibrate", help="measure a map's error model (its pose covariance) on posed frames of its scene")
+    c.add_argument("map")
+    c.add_argument("source", help="posed frames of the map's scene (any build source); the map's own frames are left out")
+    c.add_argument("--frames", type=int, default=12, help="how many frames, spread evenly (default 12)")
+    c.add_argument("--out", help="write the calibrated map here (default: update MAP in place)")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_source_arguments(c)
+    c.set_defaults(func=cmd_calibrate)
 
     r = sub.add_parser("replay", help="publish frames over DDS to a running localizer node and score its poses")
     r.add_argument("query_source")

@@ -358,6 +358,9 @@ def evaluate_localizer(localize_fn: Callable[[Any, Any], Any], queries: Sequence
         row["n_keypoints"] = int(getattr(result, "n_keypoints", 0))
         row["n_reliable"] = int(getattr(result, "n_reliable", 0))
         row["n_inliers"] = int(getattr(result, "n_inliers", 0))
+        # What the acceptance gates saw (d2s_nerf_ros.localizer), for choosing their thresholds.
+        row["inlier_ratio"] = float(getattr(result, "inlier_ratio", float("nan")))
+        row["reprojection_rmse_px"] = float(getattr(result, "reprojection_rmse_px", float("nan")))
         row["timings_ms"] = {k: float(v) for k, v in (getattr(result, "timings_ms", None) or {}).items()}
         timings.append(row["timings_ms"])
         T = getattr(result, "T_world_cam", None)

@@ -41,9 +41,9 @@ def camera_info_fields(camera: CameraIntrinsics) -> dict[str, Any]:
     """The fields of a ``sensor_msgs/CameraInfo`` describing ``camera`` (no rectification)."""
     if camera.distortion_model == "none":
         model, d = "plumb_bob", [0.0] * 5
-    elif camera.distortion_model == "plumb_bob":
+    elif camera.distortion_model in ("plumb_bob", "rational_polynomial"):
         d = [float(v) for v in camera.distortion]
-        model = "rational_polynomial" if len(d) == 8 else "plumb_bob"
+        model = "rational_polynomial" if len(d) >= 8 else "plumb_bob"
     else:
         model, d = "equidistant", [float(v) for v in camera.distortion]
     fx, fy, cx, cy = float(camera.fx), float(camera.fy), float(camera.cx), float(camera.cy)

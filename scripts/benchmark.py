@@ -9,6 +9,8 @@
     .venv/bin/python scripts/benchmark.py gpu --results OUT/gpu_benchmark.json    # a device run of scripts/gpu_benchmark.py
     .venv/bin/python scripts/benchmark.py delivery --map runs/bench/core_map      # raw frames over DDS, Fast DDS profile
     .venv/bin/python scripts/benchmark.py d2s-inference --map runs/bench/core_map # D2S: torch vs onnxruntime
+    .venv/bin/python scripts/benchmark.py wrong-scene --map runs/bench/core_map   # poses for another scene
+    .venv/bin/python scripts/benchmark.py covariance --map runs/bench/core_map    # covariance calibration
 
 Each run rewrites its own section of docs/BENCHMARKS.md (between markers) and keeps the
 raw JSON next to the maps in --runs.
@@ -30,6 +32,8 @@ from offline.bench.delivery import add_delivery_parser  # noqa: E402
 from offline.bench.inference import add_inference_parser  # noqa: E402
 from offline.bench.node import add_node_benchmark_parsers  # noqa: E402
 from offline.bench.seeds import add_seeds_parser  # noqa: E402
+from offline.bench.covariance import add_covariance_parser  # noqa: E402
+from offline.bench.wrong_scene import add_wrong_scene_parser  # noqa: E402
 
 
 def main() -> None:
@@ -56,6 +60,8 @@ def main() -> None:
     add_gpu_benchmark_parser(sub)
     add_delivery_parser(sub)
     add_inference_parser(sub)
+    add_wrong_scene_parser(sub)
+    add_covariance_parser(sub)
     args = p.parse_args()
     args.func(args)
 

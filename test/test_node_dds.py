@@ -894,24 +894,6 @@ def test_replay_without_a_node_says_so(tmp_path: Path, redkitchen_frames: list):
         replay([], tmp_path / "r", rate_hz=1.0)
 
 
-def test_camera_info_round_trip():
-    from sensor_msgs.msg import CameraInfo
-
-    from d2s_nerf_ros.camera import CameraIntrinsics
-    from d2s_nerf_ros.node import camera_from_camera_info
-    from offline.replay import camera_info_fields
-
-    for camera in (CameraIntrinsics(640, 480, 525.0, 520.0, 319.5, 239.5),
-                   CameraIntrinsics(640, 480, 500.0, 500.0, 320.0, 240.0, "plumb_bob", (0.1, -0.2, 0.001, 0.002, 0.05)),
-                   CameraIntrinsics(640, 480, 500.0, 500.0, 320.0, 240.0, "plumb_bob", (0.1, -0.2, 0, 0, 0.05, 0.01, 0, 0)),
-                   CameraIntrinsics(1280, 720, 400.0, 400.0, 640.0, 360.0, "equidistant", (0.1, 0.01, -0.01, 0.001))):
-        back = camera_from_camera_info(CameraInfo(**camera_info_fields(camera)))
-        assert back.K.tolist() == camera.K.tolist() and (back.width, back.height) == (camera.width, camera.height)
-        assert back.has_distortion == camera.has_distortion
-        if camera.has_distortion:
-            assert back.distortion_model == camera.distortion_model and back.distortion == camera.distortion
-
-
 # ----------------------------------------------------------------------------- held-out accuracy with a built map
 
 

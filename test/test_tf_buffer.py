@@ -1,4 +1,5 @@
-"""The offline TF buffer against hand-computed chains."""
+"""The TF buffer in recording mode (as the bag source uses it: every sample, strict tree,
+tolerances) against hand-computed chains. Live mode is tested in test_tf_math.py."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from offline.sources.tf_buffer import TFBuffer, TransformLookupError
+from d2s_nerf_ros.tf_math import TransformBuffer, TransformLookupError
 
 S = 1_000_000_000  # ns per second
+
+
+def recording() -> TransformBuffer:
+    return TransformBuffer(cache_s=None, strict=True)
 
 
 def rot_z(deg: float) -> np.ndarray:
@@ -29,12 +34,12 @@ def apply(T: np.ndarray, p) -> np.ndarray:
 
 
 @pytest.fixture()
-def tree() -> TFBuffer:
+def tree() -> TransformBuffer:
     """map -(static: +1 x)-> a -(static: yaw 90)-> b ; map -(static: +2 y)-> c"""
-    buf = TFBuffer()
-    buf.add_static("map", "a", pose(t=(1, 0, 0)))
-    buf.add_static("a", "b", pose(rot_z(90)))
-    buf.add_static("map", "c", pose(t=(0, 2, 0)))
+    buf = recording()
+    buf.set_transform("map", "a", 0, pose(t=(1, 0, 0)), static=True)
+    buf.set_transform("a", "b", 0, pose(rot_z(90)), static=True)
+    buf.set_transform("map", "c", 0, pose(t=(0, 2, 0)), static=True)
     return buf
 
 
@@ -57,11 +62,11 @@ def test_chain_through_a_common_parent(tree):
 
 
 def test_dynamic_edge_is_interpolated_linearly_and_by_slerp():
-    buf = TFBuffer()
+    buf = recording()
     # Added out of order on purpose.
-    buf.add_dynamic("odom", "base", 10 * S, pose(rot_z(90), (2, 0, 0)))
-    buf.add_dynamic("odom", "base", 0, pose(np.eye(3), (0, 0, 0)))
-    buf.add_static("base", "cam", pose(t=(0, 0, 1)))
+    buf.set_transform("odom", "base", 10 * S, pose(rot_z(90), (2, 0, 0)))
+    buf.set_transform("odom", "base", 0, pose(np.eye(3), (0, 0, 0)))
+    buf.set_transform("base", "cam", 0, pose(t=(0, 0, 1)), static=True)
     T = buf.lookup("odom", "base", int(2.5 * S), tolerance_ns=10 * S)
     np.testing.assert_allclose(T[:3, 3], [0.5, 0, 0], atol=1e-12)
     np.testing.assert_allclose(T[:3, :3], rot_z(22.5), atol=1e-12)
@@ -74,18 +79,18 @@ def test_dynamic_edge_is_interpolated_linearly_and_by_slerp():
 
 
 def test_slerp_takes_the_short_way_across_180():
-    buf = TFBuffer()
-    buf.add_dynamic("w", "r", 0, pose(rot_z(170)))
-    buf.add_dynamic("w", "r", 2 * S, pose(rot_z(-170)))
+    buf = recording()
+    buf.set_transform("w", "r", 0, pose(rot_z(170)))
+    buf.set_transform("w", "r", 2 * S, pose(rot_z(-170)))
     T = buf.lookup("w", "r", 1 * S, tolerance_ns=2 * S)
     np.testing.assert_allclose(T[:3, :3], rot_z(180), atol=1e-12)
 
 
 def test_tolerance_at_the_ends_and_in_gaps():
-    buf = TFBuffer()
+    buf = recording()
     for k in range(5):
-        buf.add_dynamic("map", "base", k * S // 10, pose(t=(k, 0, 0)))  # 10 Hz, 0 .. 0.4 s
-    buf.add_dynamic("map", "base", 2 * S, pose(t=(20, 0, 0)))  # then a 1.6 s gap
+        buf.set_transform("map", "base", k * S // 10, pose(t=(k, 0, 0)))  # 10 Hz, 0 .. 0.4 s
+    buf.set_transform("map", "base", 2 * S, pose(t=(20, 0, 0)))  # then a 1.6 s gap
     tol = 60_000_000  # 60 ms
     # Just past the last 10 Hz sample but inside the tolerance? No: 0.45 s has samples at
     # 0.4 s (50 ms away) and 2.0 s (1.55 s away): the gap is too wide to interpolate.
@@ -106,20 +111,29 @@ def test_unknown_frame_and_separate_trees(tree):
         tree.lookup("map", "camera", 0)
     assert err.value.kind == "unknown_frame"
     assert "'camera'" in str(err.value) and "a, b, c, map" in str(err.value)
-    tree.add_static("odom", "base", pose())
+    tree.set_transform("odom", "base", 0, pose(), static=True)
     with pytest.raises(TransformLookupError) as err:
         tree.lookup("map", "base", 0)
     assert err.value.kind == "no_path" and "separate TF trees" in str(err.value)
 
 
 def test_bad_entries_are_refused():
-    buf = TFBuffer()
-    buf.add_static("map", "a", pose())
+    buf = recording()
+    buf.set_transform("map", "a", 0, pose(), static=True)
     with pytest.raises(ValueError, match="two parents"):
-        buf.add_static("odom", "a", pose())
+        buf.set_transform("odom", "a", 0, pose(), static=True)
     with pytest.raises(ValueError, match="both as static"):
-        buf.add_dynamic("map", "a", 0, pose())
+        buf.set_transform("map", "a", 0, pose())
     with pytest.raises(ValueError, match="rotation"):
-        buf.add_static("map", "s", np.diag([2.0, 1.0, 1.0, 1.0]))
+        buf.set_transform("map", "s", 0, np.diag([2.0, 1.0, 1.0, 1.0]), static=True)
     with pytest.raises(ValueError, match="itself"):
-        buf.add_static("x", "x", pose())
+        buf.set_transform("x", "x", 0, pose(), static=True)
+
+
+def test_live_mode_lets_a_new_parent_replace_the_old_one():
+    # tf2 semantics on a robot (the node's fallback buffer): the latest parent wins, no error.
+    buf = TransformBuffer(cache_s=10.0)
+    buf.set_transform("map", "a", 0, pose(t=(1, 0, 0)), static=True)
+    buf.set_transform("odom", "a", 0, pose(t=(0, 3, 0)), static=True)
+    assert buf.path("odom", "a") == ["odom", "a"]
+    np.testing.assert_allclose(buf.lookup("odom", "a", 0)[:3, 3], [0, 3, 0])

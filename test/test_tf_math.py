@@ -156,7 +156,7 @@ def test_buffer_errors_are_specific():
     buf = build_odom_buffer()
     with pytest.raises(TransformLookupError, match="extrapolation"):
         buf.lookup("odom", "camera", 2_500_000_000)
-    with pytest.raises(TransformLookupError, match="'nowhere' does not exist"):
+    with pytest.raises(TransformLookupError, match="'nowhere' is not in the TF data"):
         buf.lookup("odom", "nowhere", 1_500_000_000)
     buf.set_transform("map2", "island", 0, np.eye(4), static=True)
     with pytest.raises(TransformLookupError, match="not connected"):

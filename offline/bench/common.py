@@ -143,3 +143,27 @@ def shown_command(args, subcommand: str, always: tuple[str, ...] = ()) -> str:
     return shlex.join(parts)
 
 
+
+
+def runs_and_map(args) -> tuple[Path, Path]:
+    """(--runs, created; --map, which must be a built map bundle) of a benchmark that scores a map."""
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    map_dir = Path(args.map)
+    if not (map_dir / "manifest.json").is_file():
+        sys.exit(f"no map at {map_dir}: build one (`benchmark.py core` writes runs/bench/core_map) or name it with --map")
+    return runs, map_dir
+
+
+def shown_path(path: Path | str) -> str:
+    """``path`` relative to the checkout when inside it (as a reader would type it), else as given."""
+    resolved = Path(path).resolve()
+    return os.path.relpath(resolved, REPO) if resolved.is_relative_to(REPO) else str(path)
+
+
+def add_map_benchmark_arguments(parser) -> None:
+    """--map (a RedKitchen map, default the one `benchmark.py core` builds), --data, --runs, --benchmarks-file."""
+    parser.add_argument("--map", default=str(REPO / "runs" / "bench" / "core_map"), help="RedKitchen map bundle")
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--runs", default=str(REPO / "runs" / "bench"))
+    parser.add_argument("--benchmarks-file", default=str(BENCH_MD), help="markdown file whose section is rewritten")

@@ -32,13 +32,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from d2s_nerf_ros.camera import CameraIntrinsics
+from d2s_nerf_ros.camera import CameraInfoError, CameraIntrinsics, camera_from_camera_info, rectification_hint
 from d2s_nerf_ros.geometry import pose_error
 from d2s_nerf_ros.image_conversion import ImageConversionError, compressed_msg_to_numpy, image_msg_to_numpy
-from d2s_nerf_ros.tf_math import pose_from_msg, transform_from_msg
+from d2s_nerf_ros.tf_math import TransformBuffer, TransformLookupError, pose_from_msg, transform_from_msg
 from offline.sfm import SfmConfig
 from offline.sources.frames import Frame, FrameSet, even_indices
-from offline.sources.tf_buffer import TFBuffer, TransformLookupError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +68,9 @@ class BagSourceOptions:
     pose_topic: str | None = None  # pose_source "topic"; None: the bag's only pose topic
     pose_to_camera: Any = None  # 4x4 T_pose_cam (list or array): the camera in the frame the poses describe
     intrinsics: tuple[float, float, float, float] | None = None  # (fx, fy, cx, cy); overrides CameraInfo
+    # The images are rectified: the camera is CameraInfo P's pinhole and D is ignored (see
+    # d2s_nerf_ros.camera.camera_from_camera_info); the topic name never decides this.
+    rectified: bool = False
     fraction: float | None = None
     every: int | None = None
     min_motion_m: float | None = None  # keep a frame once the camera moved this far ...
@@ -187,31 +189,6 @@ def _stamp_ns(header: Any) -> int:
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
-def _camera_from_info(msg: Any, topic: str) -> dict[str, Any]:
-    """CameraIntrinsics fields from a CameraInfo; width/height may be 0 (some drivers leave
-    them unset), then the image size fills them in."""
-    # ROS 2 spells the arrays d k r p, ROS 1 D K R P.
-    K = np.asarray(getattr(msg, "k", getattr(msg, "K", None)), dtype=np.float64).reshape(-1)
-    D = np.asarray(getattr(msg, "d", getattr(msg, "D", None)), dtype=np.float64).reshape(-1)
-    if K.size != 9 or K[0] <= 0 or K[4] <= 0 or not np.all(np.isfinite(K)):
-        raise BagSourceError(f"CameraInfo on {topic} holds no calibration (K = {K.tolist()}); {INTRINSICS_HINT}")
-    model_name = str(msg.distortion_model).strip().lower()
-    if D.size == 0 or not np.any(D):
-        model, coeffs = "none", ()
-    elif model_name in ("plumb_bob", "rational_polynomial") and D.size in (4, 5, 8):
-        model, coeffs = "plumb_bob", tuple(float(v) for v in D)  # OpenCV order in both
-    elif model_name in ("equidistant", "fisheye") and D.size == 4:
-        model, coeffs = "equidistant", tuple(float(v) for v in D)
-    else:
-        raise BagSourceError(
-            f"CameraInfo on {topic} uses distortion model {msg.distortion_model!r} with {D.size} coefficients, "
-            "which is not supported (plumb_bob, rational_polynomial, equidistant); "
-            f"rectify the images or {INTRINSICS_HINT}"
-        )
-    return dict(width=int(msg.width), height=int(msg.height), fx=float(K[0]), fy=float(K[4]),
-                cx=float(K[2]), cy=float(K[5]), distortion_model=model, distortion=coeffs)
-
-
 def _pose_of_message(msg: Any, msgtype: str) -> tuple[str, str, np.ndarray]:
     """(frame_id, child frame or "", T_frame_body) of a pose message."""
     if msgtype == "geometry_msgs/msg/PoseStamped":
@@ -225,17 +202,17 @@ def _pose_of_message(msg: Any, msgtype: str) -> tuple[str, str, np.ndarray]:
     raise AssertionError(msgtype)
 
 
-def _make_camera(fields: dict[str, Any] | None, intrinsics: Any, width: int, height: int, info_topic: str | None) -> CameraIntrinsics:
-    """The camera of the frames: --intrinsics (size from the image) or the CameraInfo fields."""
+def _make_camera(info_msg: Any, intrinsics: Any, width: int, height: int, info_topic: str | None,
+                 rectified: bool) -> CameraIntrinsics:
+    """The camera of the frames: --intrinsics (size from the image) or the first CameraInfo
+    (whose size, when a driver left it 0, comes from the image)."""
     if intrinsics is not None:
         fx, fy, cx, cy = parse_intrinsics(intrinsics)
         return CameraIntrinsics(width=width, height=height, fx=fx, fy=fy, cx=cx, cy=cy)
-    assert fields is not None
-    if fields["width"] == 0 or fields["height"] == 0:
-        fields = {**fields, "width": width, "height": height}
+    assert info_msg is not None
     try:
-        return CameraIntrinsics(**fields)
-    except ValueError as exc:
+        return camera_from_camera_info(info_msg, rectified=rectified, image_size=(width, height))
+    except CameraInfoError as exc:
         raise BagSourceError(f"CameraInfo on {info_topic} is not usable: {exc}; {INTRINSICS_HINT}") from exc
 
 
@@ -266,9 +243,10 @@ class _ImageRecord:
 @dataclass
 class _BagContents:
     images: list[_ImageRecord] = field(default_factory=list)
-    camera_fields: dict[str, Any] | None = None
+    camera_info: Any = None  # the first CameraInfo message (converted once the image size is known)
     camera_info_count: int = 0
-    tf: TFBuffer = field(default_factory=TFBuffer)
+    # The whole recording, strict: a second parent or a static/dynamic mix is an error in a bag.
+    tf: TransformBuffer = field(default_factory=lambda: TransformBuffer(cache_s=None, strict=True))
     pose_frames: set[str] = field(default_factory=set)
     pose_count: int = 0
     zero_stamp_images: int = 0
@@ -346,20 +324,20 @@ def _read_metadata_pass(reader: Any, path: Path, image_topic: str, info_topic: s
                 contents.images.append(_ImageRecord(image_ordinal, stamp, str(msg.header.frame_id), w, h))
                 image_ordinal += 1
             elif topic == info_topic:
-                if contents.camera_fields is None and options.intrinsics is None:
-                    contents.camera_fields = _camera_from_info(msg, topic)
+                if contents.camera_info is None and options.intrinsics is None:
+                    contents.camera_info = msg
                 contents.camera_info_count += 1
             elif topic == pose_topic:
                 frame_id, _, T = _pose_of_message(msg, msgtype)
                 contents.pose_frames.add(str(frame_id))
-                contents.tf.add_dynamic(*pose_buffer_frames, _stamp_ns(msg.header), T)
+                contents.tf.set_transform(*pose_buffer_frames, _stamp_ns(msg.header), T)
                 contents.pose_count += 1
             else:  # a TF topic
                 static = topic.endswith("tf_static")
                 for tr in msg.transforms:
                     parent = str(tr.header.frame_id).lstrip("/")  # ROS 1 frames may carry a leading slash
                     child = str(tr.child_frame_id).lstrip("/")
-                    contents.tf.add(parent, child, _stamp_ns(tr.header), transform_from_msg(tr.transform), static)
+                    contents.tf.set_transform(parent, child, _stamp_ns(tr.header), transform_from_msg(tr.transform), static=static)
     except BagSourceError:
         raise
     except ValueError as exc:
@@ -501,7 +479,7 @@ def _decode_selected(reader: Any, path: Path, image_topic: str, info_topic: str 
                 image = mono16(image)
             h, w = image.shape[:2]
             if camera is None:
-                camera = _make_camera(contents.camera_fields, options.intrinsics, w, h, info_topic)
+                camera = _make_camera(contents.camera_info, options.intrinsics, w, h, info_topic, options.rectified)
             if (w, h) != (camera.width, camera.height):
                 raise BagSourceError(
                     f"image {ordinal} on {image_topic} is {w}x{h} but the camera is calibrated for "
@@ -631,7 +609,7 @@ def load_bag(path: str | Path, options: BagSourceOptions, out_dir: str | Path) -
         contents = _read_metadata_pass(reader, path, image_topic, info_topic, pose_topic, tf_topics, options)
         if not contents.images:
             raise BagSourceError(f"image topic {image_topic} has no messages in {path}")
-        if options.intrinsics is None and contents.camera_fields is None:
+        if options.intrinsics is None and contents.camera_info is None:
             raise BagSourceError(f"CameraInfo topic {info_topic} has no messages; {INTRINSICS_HINT}")
         unique, out_of_order, duplicates = _order_by_stamp(contents.images)
 
@@ -671,6 +649,10 @@ def load_bag(path: str | Path, options: BagSourceOptions, out_dir: str | Path) -
         frames, sfm_summary = posed_by_sfm.frames, posed_by_sfm.summary
         warnings.extend(posed_by_sfm.warnings)
         counts.update(posed=len(frames), selected=selected, skipped_unregistered=selected - len(frames))
+    hint = rectification_hint(image_topic, options.rectified) if options.intrinsics is None else ""
+    if hint:
+        warnings.append(hint.replace("rectified:=true", "--rectified").replace("rectified:=false", "no --rectified")
+                        .replace("rectified is", "--rectified is"))
     for w in warnings:
         log.warning("%s: %s", path.name, w)
     metadata = {
@@ -680,7 +662,8 @@ def load_bag(path: str | Path, options: BagSourceOptions, out_dir: str | Path) -
         "image_topic": image_topic,
         "image_type": image_type,
         "camera_info_topic": info_topic,
-        "intrinsics": "given (--intrinsics)" if options.intrinsics is not None else f"CameraInfo {info_topic}",
+        "intrinsics": "given (--intrinsics)" if options.intrinsics is not None else
+                      f"CameraInfo {info_topic} ({'P, rectified images' if options.rectified else 'K and D, raw images'})",
         "pose_source": options.pose_source,
         "pose_topic": pose_topic,
         "tf_topics": tf_topics,
