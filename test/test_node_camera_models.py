@@ -19,8 +19,9 @@ import pytest
 
 from d2s_nerf_ros.camera import CameraIntrinsics
 from d2s_nerf_ros.geometry import pose_error
-from offline.bench.node import FrameDriver, image_and_info_msgs
+from offline.bench.node import image_and_info
 from offline.node_process import LocalizerNodeProcess
+from offline.ros_client import LocalizerClient
 from test_node_dds import built_redkitchen_map  # noqa: F401 - the session fixture: a real RedKitchen map
 
 pytestmark = [pytest.mark.dds, pytest.mark.slow]
@@ -49,12 +50,14 @@ def reproject(rgb: np.ndarray, camera: CameraIntrinsics, target: CameraIntrinsic
                                borderMode=cv2.BORDER_REPLICATE)
 
 
-def info_with(msg, p: CameraIntrinsics | None = None, d: tuple[float, ...] | None = None, model: str = "plumb_bob"):
+def info_with(fields: dict, p: CameraIntrinsics | None = None, d: tuple[float, ...] | None = None,
+              model: str = "plumb_bob") -> dict:
+    """CameraInfo fields with another D (and model) or P."""
     if d is not None:
-        msg.distortion_model, msg.d = model, list(d)
+        fields["distortion_model"], fields["d"] = model, list(d)
     if p is not None:
-        msg.p = [p.fx, 0.0, p.cx, 0.0, 0.0, p.fy, p.cy, 0.0, 0.0, 0.0, 1.0, 0.0]
-    return msg
+        fields["p"] = [p.fx, 0.0, p.cx, 0.0, 0.0, p.fy, p.cy, 0.0, 0.0, 0.0, 1.0, 0.0]
+    return fields
 
 
 def poses_from_node(map_dir: Path, tmp: Path, rectified: bool, sends: list[tuple]) -> list[np.ndarray | None]:
@@ -62,20 +65,22 @@ def poses_from_node(map_dir: Path, tmp: Path, rectified: bool, sends: list[tuple
 
     env = ros_loopback_env()
     os.environ.update(env)
-    node = LocalizerNodeProcess({"map_path": str(map_dir), "device": "cpu", "image_qos": "reliable",
-                                 "rectified": rectified}, tmp / f"node_rectified_{rectified}.log", env=env)
-    driver = FrameDriver()
+    # The camera pose: no robot TF here.
+    node = LocalizerNodeProcess({"map_path": str(map_dir), "device": "cpu", "image_qos": "reliable", "odom_frame": "",
+                                 "base_frame": "", "rectified": rectified}, tmp / f"node_rectified_{rectified}.log", env=env)
+    client = LocalizerClient(image_qos="reliable", name="d2s_camera_models_test")
     try:
-        driver.wait_ready(node)
+        client.wait_ready(180.0, node_alive=node.alive, hardware_id=str(map_dir))
         out = []
-        for image_msg, info_msg in sends:
-            driver.prime_camera_info(info_msg)
-            stamp = driver.send(image_msg, info_msg)
-            answer, _ = driver.wait_answer(stamp, 60.0)
-            out.append(driver.pose(stamp) if answer == "pose" else None)
+        for image_fields, info_fields in sends:
+            client.prime_camera_info(info_fields)
+            stamp = client.send(image_fields, info_fields)
+            answer, _ = client.wait_answer(stamp, 60.0)
+            record = client.pose(stamp)
+            out.append(record.T if answer == "pose" and record is not None else None)
         return out
     finally:
-        driver.close()
+        client.close()
         node.stop()
 
 
@@ -97,13 +102,13 @@ def test_distorted_and_rectified_variants_give_the_original_pose(built_redkitche
     for frame in held_out_frames:
         rgb, camera = frame.load_rgb(), frame.camera
         assert not camera.has_distortion  # 7-Scenes images are pinhole
-        original = image_and_info_msgs(rgb, camera)
+        original = image_and_info(rgb, camera)
         distorted_rgb = distort(rgb, camera, PLUMB_BOB)
-        distorted = image_and_info_msgs(distorted_rgb, camera)
+        distorted = image_and_info(distorted_rgb, camera)
         info_with(distorted[1], d=PLUMB_BOB)
-        undeclared = image_and_info_msgs(distorted_rgb, camera)  # control: the same pixels, D not published
+        undeclared = image_and_info(distorted_rgb, camera)  # control: the same pixels, D not published
         raw_sends += [original, distorted, undeclared]
-        rectified = image_and_info_msgs(reproject(rgb, camera, RECTIFIED_P), camera)  # K: the raw camera's
+        rectified = image_and_info(reproject(rgb, camera, RECTIFIED_P), camera)  # K: the raw camera's
         info_with(rectified[1], p=RECTIFIED_P, d=PLUMB_BOB)  # D nonzero: must be ignored
         rect_sends.append(rectified)
 

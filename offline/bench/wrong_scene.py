@@ -1,7 +1,7 @@
 """``benchmark.py wrong-scene``: does the node publish poses for frames of a place its map is not of?
 
 Two maps, each queried through the node process (``offline/node_process.py``, frames sent one at
-a time by ``FrameDriver``) with frames of its own scene and of the other one:
+a time by ``offline.ros_client.LocalizerClient``) with frames of its own scene and of the other one:
 
 - the RedKitchen map (``--map``) with held-out RedKitchen frames (true scene) and rendered
   demo-room views (``offline/demo_scene.py``, wrong scene);
@@ -27,7 +27,7 @@ import numpy as np
 
 from offline.bench.common import (add_map_benchmark_arguments, fmt_pct, load_average, machine, runs_and_map,
                                   shown_command, shown_path, write_section)
-from offline.bench.node import FrameDriver, NodeUnderTest, build_soak_map, demo_view, image_and_info_msgs
+from offline.bench.node import NodeUnderTest, build_soak_map, demo_view, image_and_info, start_client
 
 GATES_OFF = {"min_inlier_ratio": 0.0, "max_reprojection_rmse_px": 1000.0}
 
@@ -68,24 +68,25 @@ def through_node(map_dir: Path, params: dict[str, Any], query_sets: dict[str, li
 
     env = ros_loopback_env()
     os.environ.update(env)
-    node = NodeUnderTest({"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": "reliable", **params},
-                         log_path, env)
+    # The camera pose (what the ground truth describes): no robot TF here.
+    node = NodeUnderTest({"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": "reliable",
+                          "odom_frame": "", "base_frame": "", **params}, log_path, env)
     driver = None
     rows: dict[str, list[dict[str, Any]]] = {}
     try:
-        driver = FrameDriver()
-        driver.wait_ready(node)
+        driver = start_client(node, "reliable")
         for set_name, queries in query_sets.items():
-            driver.prime_camera_info(image_and_info_msgs(queries[0].load_rgb(), queries[0].camera)[1])
+            driver.prime_camera_info(image_and_info(queries[0].load_rgb(), queries[0].camera)[1])
             rows[set_name] = []
             for q in queries:
-                stamp = driver.send(*image_and_info_msgs(q.load_rgb(), q.camera))
+                stamp = driver.send(*image_and_info(q.load_rgb(), q.camera))
                 answer, _ = driver.wait_answer(stamp, answer_timeout_s)
                 row: dict[str, Any] = {"name": q.name, "answer": answer}
                 if answer == "pose":
-                    row["T_map_cam"] = np.asarray(driver.pose(stamp)).tolist()
+                    row["T_map_cam"] = np.asarray(driver.pose(stamp).T).tolist()
                 elif answer == "failed":
-                    row["reason"] = driver.diagnostics().get("last_frame_result", "")
+                    latest = driver.latest_diagnostics()
+                    row["reason"] = latest.values.get("last_frame_result", "") if latest else ""
                 rows[set_name].append(row)
                 print(f"  {set_name} {q.name}: {answer} {row.get('reason', '')}", flush=True)
                 time.sleep(0.2)
