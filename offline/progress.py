@@ -9,12 +9,23 @@ the end; same call signature either way.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Iterable, Iterator
 
 LOG_EVERY_FRACTION = 0.1
 LOG_EVERY_S = 30.0
+# D2S_PROGRESS_EVERY_S overrides LOG_EVERY_S (e.g. 0 in tests that follow a short build's progress).
+PROGRESS_EVERY_ENV = "D2S_PROGRESS_EVERY_S"
+
+
+def log_every_s() -> float:
+    """Seconds between two progress lines when stderr is not a terminal."""
+    try:
+        return max(0.0, float(os.environ.get(PROGRESS_EVERY_ENV, LOG_EVERY_S)))
+    except ValueError:
+        return LOG_EVERY_S
 
 
 def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
@@ -74,7 +85,7 @@ class LineProgress:
         now = time.monotonic()
         step = max(1, int(self.total * LOG_EVERY_FRACTION)) if self.total else None
         due_by_work = step is None or self.n - self.last_n >= step
-        if due_by_work and now - self.last_time >= LOG_EVERY_S and (self.total is None or self.n < self.total):
+        if due_by_work and now - self.last_time >= log_every_s() and (self.total is None or self.n < self.total):
             self._line()
 
     def close(self) -> None:
