@@ -89,12 +89,11 @@ def test_triangulated_labels_agree_with_exact_geometry(demo):
 
 
 def test_rebuild_reuses_every_stage(demo):
-    t0 = time.perf_counter()
+    # Reuse is shown by the stages' own cache flags and the identical training result, not by
+    # timing the rerun (timings belong to benchmarks; a shared CPU makes them flaky).
     again = build_map(demo["mapping"], demo["root"] / "map", small_config(), progress=False, log=lambda s: None)
-    seconds = time.perf_counter() - t0
     assert all(again.cached.get(k) for k in ("features", "matches", "triangulation", "augmentation")), again.cached
     assert again.final_loss == demo["summary"].final_loss  # the finished training checkpoint is reused
-    assert seconds < demo["first_build_s"]
 
 
 def test_changed_training_settings_reuse_labels_but_retrain(demo, tmp_path):

@@ -289,9 +289,10 @@ def test_tiny_nerfacto_rerun_loads_instead_of_training(tiny_nerf):
     assert state["complete"] and state["iterations_done"] == TINY_ITERATIONS
     assert state["train_seconds"] > 0 and state["final_train_psnr"] == pytest.approx(handle.final_train_psnr)
     lines: list[str] = []
-    t0 = time.perf_counter()
+    # The saved model is loaded, not retrained: its log says so and its state is the finished one
+    # (no timing assertion: timings belong to benchmarks).
     again = train_nerfacto(tiny_nerf["frames"], tiny_nerf["config"], handle.work_dir, log=lines.append)
-    assert time.perf_counter() - t0 < 0.25 * tiny_nerf["seconds"]
+    assert not any("iterations x" in line for line in lines), lines
     assert again.iterations_done == TINY_ITERATIONS and any("trained model found" in line for line in lines)
 
 
