@@ -3,6 +3,7 @@ number formats and the writer of docs/BENCHMARKS.md sections."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import re
@@ -103,6 +104,18 @@ def write_section(name: str, body: str, path: Path | str = BENCH_MD) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def machine_line(load_before: float, load_after: float) -> str:
+    """The line every section states its conditions in: machine, date, 1-minute load around the run."""
+    return (f"- Machine: {machine()}; date {datetime.date.today().isoformat()}; "
+            f"1-minute load average {load_before:.1f} before, {load_after:.1f} after")
+
+
+def publish_section(name: str, body: str, path: Path | str = BENCH_MD) -> None:
+    """Write ``body`` as the section ``name`` of ``path`` and show it on stdout."""
+    write_section(name, body, path)
+    print(body)
 
 
 def results_row(label: str, res: dict) -> str:

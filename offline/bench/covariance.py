@@ -14,7 +14,6 @@ under --runs, on frames disjoint from those checked here.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import shutil
@@ -23,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from offline.bench.common import (add_map_benchmark_arguments, load_average, machine, runs_and_map, shown_command,
-                                  shown_path, write_section)
+from offline.bench.common import (add_map_benchmark_arguments, load_average, machine_line, publish_section,
+                                  runs_and_map, shown_command, shown_path)
 
 
 def chi2_cdf(x: float, dof: int) -> float:
@@ -123,7 +122,7 @@ def bench_covariance(args) -> None:
     body = f"""## Pose covariance calibration on held-out frames
 
 - Command: `{shown_command(args, "covariance", always=("map",))}`
-- Machine: {machine()}; date {datetime.date.today().isoformat()}; 1-minute load average {load0:.1f} before, {load1:.1f} after
+{machine_line(load0, load1)}
 - Map: `{shown_map}`{map_note}; error model {'measured by this run into a copy (the map had none), ' if calibrated_here else ''}on
   {len(model.frames)} held-out frames: coordinate sigma {100 * model.coordinate_sigma_m:.1f} cm, covariance scale {model.covariance_scale:.1f}
   ({model.n_points} inliers of {model.n_frames} localised frames).
@@ -137,8 +136,7 @@ def bench_covariance(args) -> None:
 
 {chr(10).join(table)}
 """
-    write_section("covariance", body, args.benchmarks_file)
-    print(body)
+    publish_section("covariance", body, args.benchmarks_file)
 
 
 def add_covariance_parser(sub) -> None:

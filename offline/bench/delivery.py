@@ -14,7 +14,6 @@ Every process is separate because Fast DDS reads the profile once per process.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import subprocess
@@ -22,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from offline.bench.common import BENCH_MD, DEFAULT_DATA, REPO, load_average, machine, shown_command, write_section
+from offline.bench.common import (BENCH_MD, DEFAULT_DATA, REPO, load_average, machine_line, publish_section,
+                                  shown_command)
 
 DELIVERY_RATES_HZ = (1.0, 10.0, 30.0)
 DELIVERY_WIDTH, DELIVERY_HEIGHT = 640, 480
@@ -227,7 +227,7 @@ def bench_delivery(args) -> None:
     body = f"""## ROS 2 transport: raw 640x480 rgb8 frames with and without the Fast DDS profile
 
 - Command: `{command}`
-- Machine: {machine()}; date {datetime.date.today().isoformat()}; 1-minute load average {load0:.1f} before, {load1:.1f} after
+{machine_line(load0, load1)}
   (a shared CPU: other builds ran beside it).
 - Profile: `config/fastdds_shm_large.xml` (32 MB shared-memory segment) exported as `FASTDDS_DEFAULT_PROFILES_FILE` in every
   process; built-in: the variable unset (Fast DDS's default transports, a ~0.5 MB segment). Loopback DDS, best effort
@@ -238,8 +238,7 @@ def bench_delivery(args) -> None:
 
 {chr(10).join(lines)}
 """
-    write_section("delivery", body, args.benchmarks_file)
-    print(body)
+    publish_section("delivery", body, args.benchmarks_file)
 
 
 def _wait_node_ready(node, node_log: Path, timeout_s: float) -> None:

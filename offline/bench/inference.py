@@ -8,7 +8,6 @@ attention cost is that of a full keypoint budget whatever the detector found.
 
 from __future__ import annotations
 
-import datetime
 import io
 import json
 import os
@@ -16,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from offline.bench.common import (BENCH_MD, DEFAULT_DATA, REPO, fmt_deg, fmt_m, fmt_pct, load_average, machine,
-                                  percentile, shown_command, write_section)
+from offline.bench.common import (BENCH_MD, DEFAULT_DATA, REPO, fmt_deg, fmt_m, fmt_pct, load_average, machine_line,
+                                  percentile, publish_section, shown_command)
 
 
 class ReplayedFeatures:
@@ -134,7 +133,7 @@ def bench_d2s_inference(args) -> None:
     body = f"""## D2S inference: torch vs onnxruntime on the CPU
 
 - Command: `{shown_command(args, 'd2s-inference', always=('map', 'data'))}`
-- Machine: {machine()}; date {datetime.date.today().isoformat()}; 1-minute load average {load0:.1f} before, {load1:.1f} after
+{machine_line(load0, load1)}
   (shared CPU: noisy); torch and onnxruntime threads: {args.num_threads or "library defaults"}
 - Map: `{os.path.relpath(map_dir.resolve(), REPO) if map_dir.resolve().is_relative_to(REPO) else map_dir}`
   (D2S: {model_cfg.n_layers} attention layers, {model_cfg.descriptor_dim}-d descriptors, head {list(model_cfg.head_dims)});
@@ -149,8 +148,7 @@ def bench_d2s_inference(args) -> None:
 |---|---|---|---|---|---|---|---|
 {rows_md}
 """
-    write_section("d2s-inference", body, args.benchmarks_file)
-    print(body)
+    publish_section("d2s-inference", body, args.benchmarks_file)
 
 
 def add_inference_parser(sub) -> None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from offline.bench.common import (BENCH_MD, DEFAULT_DATA, REPO, fmt_deg, fmt_m, fmt_ms, fmt_pct, load_average,
-                                  machine, percentile, shown_command, write_section)
+                                  machine, machine_line, percentile, publish_section, shown_command)
 from offline.node_process import LocalizerNodeProcess, localizer_node_command
 
 NODE_READY_TIMEOUT_S = 180.0   # torch import + map load + warm-up on 2 busy cores
@@ -222,8 +222,7 @@ def bench_node_latency(args) -> None:
 {rows_md}
 {ratio}
 """ + "\n".join(node_lines) + "\n"
-    write_section("node-latency", body, args.benchmarks_file)
-    print(body)
+    publish_section("node-latency", body, args.benchmarks_file)
 
 
 def localizer_stage_timings(map_dir: Path, frames, backend: str = "auto", num_threads: int = 0) -> dict[str, dict[str, float]]:
@@ -405,7 +404,6 @@ def bench_soak(args) -> None:
     }
     (runs / "soak.json").write_text(json.dumps(result, indent=1))
 
-    date = datetime.date.today().isoformat()
     command = shown_command(args, "soak", always=("frames", "width"))
     trend_points = samples[:: max(1, len(samples) // 10)]
     if trend_points[-1] is not samples[-1]:
@@ -418,7 +416,7 @@ def bench_soak(args) -> None:
 
 - Command: `{command}`
   (node: `python -m d2s_nerf_ros.node --ros-args -p map_path:=<soak map> -p device:=cpu -p image_qos:={args.image_qos}`, its own process)
-- Machine: {machine()}; date {date}; 1-minute load average {load0:.1f} before, {load1:.1f} after (shared CPU);
+{machine_line(load0, load1)} (shared CPU);
   OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}
 - Map: the generated demo room (`offline/demo_scene.py`), {len(map_manifest.get('frames', []))} views rendered at {camera.width}x{camera.height} with exact depth,
   built by `offline.build.build_map` (fast profile, no synthesis, depth labels, {training.get('config', {}).get('iterations', '?')} training iterations){f', in {build_s / 60:.1f} min' if build_s else ''}:
@@ -436,8 +434,7 @@ def bench_soak(args) -> None:
   ({100 * growth_peak:+.1f} %). **{verdict}** (criterion: growth after warm-up at most {100 * args.max_growth:.0f} %).
 - RSS trend (frame: MiB): {trend}
 """
-    write_section("node-soak", body, args.benchmarks_file)
-    print(body)
+    publish_section("node-soak", body, args.benchmarks_file)
     if rc not in (0, None):
         print(f"warning: the node exited with status {rc}; see {node.log_path}", file=sys.stderr)
 

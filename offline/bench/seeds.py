@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from offline.bench.common import LOAD_SAMPLES, REPO, d2s_nerf, fmt_deg, fmt_m, fmt_pct, machine, run, write_section
+from offline.bench.common import LOAD_SAMPLES, REPO, d2s_nerf, fmt_deg, fmt_m, fmt_pct, machine, publish_section, run
 
 SAME_RECORDING_NOTE = ("The queries are held-out frames of the same RedKitchen recording as the mapping frames "
                        "(seq-01 of the shared development split), not the 7-Scenes test split: the numbers are not "
@@ -130,8 +130,7 @@ def bench_seeds(args) -> None:
 - Paired change of the median translation error, B vs A: {change(paired['t'])}
 - Paired change of the median rotation error, B vs A: {change(paired['R'])}
 """
-    write_section(f"seeds-{args.name}", body)
-    print(body)
+    publish_section(f"seeds-{args.name}", body)
 
 
 def add_seeds_parser(sub, default_data: str) -> None:

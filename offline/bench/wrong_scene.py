@@ -15,7 +15,6 @@ count published poses (the goal is 0 of N); true-scene rows give the recall the 
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
@@ -25,8 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from offline.bench.common import (add_map_benchmark_arguments, fmt_pct, load_average, machine, runs_and_map,
-                                  shown_command, shown_path, write_section)
+from offline.bench.common import (add_map_benchmark_arguments, fmt_pct, load_average, machine_line, publish_section,
+                                  runs_and_map, shown_command, shown_path)
 from offline.bench.node import NodeUnderTest, build_soak_map, demo_view, image_and_info, start_client
 
 GATES_OFF = {"min_inlier_ratio": 0.0, "max_reprojection_rmse_px": 1000.0}
@@ -169,7 +168,7 @@ def bench_wrong_scene(args) -> None:
     body = f"""## Wrong scene: poses the node publishes for frames of another place
 
 - Command: `{shown_command(args, "wrong-scene", always=("map",))}`
-- Machine: {machine()}; date {datetime.date.today().isoformat()}; 1-minute load average {load0:.1f} before, {load1:.1f} after
+{machine_line(load0, load1)}
 - Through the node process (`python -m d2s_nerf_ros.node`, device cpu, reliable image QoS), one raw rgb8 frame at a time
   (RedKitchen 640x480, demo room {camera.width}x{camera.height}).
 - Maps: RedKitchen `{shown_map}`{map_note} ({len(manifest.get('frames', []))} mapping frames); the demo room
@@ -183,8 +182,7 @@ def bench_wrong_scene(args) -> None:
 
 {chr(10).join(table)}
 """
-    write_section("wrong-scene", body, args.benchmarks_file)
-    print(body)
+    publish_section("wrong-scene", body, args.benchmarks_file)
 
 
 def add_wrong_scene_parser(sub) -> None:
