@@ -630,7 +630,11 @@ def _add_error_model(bundle, staged: Path, all_frames: list[Frame], mapping_name
             "(d2s_nerf_ros/error_model.py); `d2s-nerf calibrate` can measure one later")
         return
     try:
-        model = fit_error_model(Localizer.from_path(staged, LocalizerConfig(device=config.device)), held_out, log)
+        # The build's own runtime choices (device, extractor backend, threads) also serve this pass.
+        localizer = Localizer.from_path(staged, LocalizerConfig(device=config.device,
+                                                                extractor_backend=config.extractor_backend,
+                                                                num_threads=config.extractor_threads))
+        model = fit_error_model(localizer, held_out, log)
     except ValueError as exc:
         log(f"error model: {exc}; the map gets the fallback model")
         return
