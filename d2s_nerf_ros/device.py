@@ -33,7 +33,7 @@ def set_torch_threads(num_threads: int) -> None:
     torch.set_num_threads(num_threads)
     if torch.get_num_interop_threads() != num_threads:
         try:
-            torch.set_interop_threads(num_threads)
+            torch.set_num_interop_threads(num_threads)
         except RuntimeError as exc:  # only possible before the first inter-op work of the process
             logging.getLogger(__name__).warning("torch inter-op threads stay at %d: %s",
                                                 torch.get_num_interop_threads(), exc)

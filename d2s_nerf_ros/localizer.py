@@ -50,6 +50,13 @@ class LocalizerConfig:
     # Inlier RMSE is ~7 px for true and wrong frames alike at the 12 px threshold (RANSAC fills
     # the threshold either way): only a sanity bound, not what tells scenes apart.
     max_reprojection_rmse_px: float = 9.0     # at 640x480, scaled with the image diagonal
+    # Viewpoint support: D2S regresses coordinates only for views like those it was trained on, so
+    # a pose with no mapping camera within this distance that looks the same way (optical axes
+    # within max_angle_to_mapping_deg) is not this map's scene. Measured (docs/BENCHMARKS.md,
+    # wrong-scene): held-out RedKitchen poses 0.03-0.17 m from such a camera; every wrong-scene
+    # pose that passed the other gates 1.15-14 m or none looking that way. 0 turns the gate off.
+    max_distance_to_mapping_m: float = 1.0
+    max_angle_to_mapping_deg: float = 45.0
     device: str = "auto"
     extractor_backend: str = "auto"  # auto | torch | onnxruntime (auto: onnxruntime on the CPU, torch on CUDA)
     num_threads: int = 0             # torch and onnxruntime intra/inter-op threads; 0: the libraries' defaults
@@ -74,6 +81,10 @@ class LocalizerConfig:
             raise ValueError(f"min_inlier_ratio must be in [0, 1], got {self.min_inlier_ratio}")
         if not (math.isfinite(self.max_reprojection_rmse_px) and self.max_reprojection_rmse_px > 0):
             raise ValueError(f"max_reprojection_rmse_px must be positive, got {self.max_reprojection_rmse_px}")
+        if not (math.isfinite(self.max_distance_to_mapping_m) and self.max_distance_to_mapping_m >= 0):
+            raise ValueError(f"max_distance_to_mapping_m must be >= 0 (0: off), got {self.max_distance_to_mapping_m}")
+        if not (math.isfinite(self.max_angle_to_mapping_deg) and 0 < self.max_angle_to_mapping_deg <= 180):
+            raise ValueError(f"max_angle_to_mapping_deg must be in (0, 180], got {self.max_angle_to_mapping_deg}")
 
     def pnp_config(self) -> PnPConfig:
         return PnPConfig(threshold_px=float(self.ransac_threshold_px), iterations=int(self.ransac_iterations),
@@ -103,6 +114,16 @@ class LocalizationResult:
     rejected_T_world_cam: np.ndarray | None = None
     inliers_2d: np.ndarray | None = None  # (n, 2) undistorted pixels of the PnP inliers (success only)
     inliers_3d: np.ndarray | None = None  # (n, 3) their regressed world coordinates
+    # Every detected keypoint (image pixels, as detected) and its role, once D2S has run (success
+    # or a gated failure): KEYPOINT_UNUSED / KEYPOINT_OUTLIER / KEYPOINT_INLIER. For ~/debug_image.
+    keypoints_px: np.ndarray | None = None
+    keypoint_roles: np.ndarray | None = None
+
+
+# Roles of a keypoint in one localisation (LocalizationResult.keypoint_roles).
+KEYPOINT_UNUSED = 0    # its D2S reliability was below the threshold: not given to PnP
+KEYPOINT_OUTLIER = 1   # given to PnP, outside the RANSAC inlier set
+KEYPOINT_INLIER = 2    # a PnP inlier
 
 
 def check_frame(image: object, camera: object) -> np.ndarray:
@@ -158,6 +179,8 @@ class Localizer:
         # How wrong the regressed coordinates are, measured when the map was built (or the
         # documented fallback for maps without one): it turns PnP's fit into a pose covariance.
         self.error_model = ErrorModel.from_manifest(bundle.manifest)
+        # Where the mapping cameras stood and looked (the viewpoint-support gate).
+        self.mapping_centres, self.mapping_axes = mapping_viewpoints(bundle.manifest)
 
     @classmethod
     def from_path(cls, map_path: Path | str, config: LocalizerConfig | None = None) -> "Localizer":
@@ -271,9 +294,13 @@ class Localizer:
 
         n_correspondences = len(selected)
         inlier_ratio = pnp.n_inliers / n_correspondences if n_correspondences else float("nan")
+        roles = np.full(n_keypoints, KEYPOINT_UNUSED, dtype=np.uint8)
+        roles[selected] = KEYPOINT_OUTLIER
+        if len(pnp.inlier_mask) == len(selected):
+            roles[selected[pnp.inlier_mask]] = KEYPOINT_INLIER
         reason = pnp.reason
         if pnp.success:
-            reason = self._gate(pnp.n_inliers, inlier_ratio, float(pnp.reprojection_rmse_px), camera)
+            reason = self._gate(pnp.n_inliers, inlier_ratio, float(pnp.reprojection_rmse_px), camera, pnp.T_world_cam)
         if used_fallback:
             note = (f"only {n_reliable} predictions with reliability >= {self.config.reliability_threshold:g}; "
                     f"used the {len(selected)} most reliable")
@@ -284,6 +311,7 @@ class Localizer:
             result.n_correspondences, result.inlier_ratio = n_correspondences, inlier_ratio
             result.reprojection_rmse_px = float(pnp.reprojection_rmse_px)
             result.rejected_T_world_cam = pnp.T_world_cam
+            result.keypoints_px, result.keypoint_roles = features.keypoints, roles
             return result
         inliers_2d, inliers_3d = points2D[pnp.inlier_mask], xyz[selected][pnp.inlier_mask]
         try:
@@ -297,10 +325,11 @@ class Localizer:
             n_keypoints=n_keypoints, n_reliable=n_reliable, n_inliers=int(pnp.n_inliers), timings_ms=timings,
             used_fallback=used_fallback, reprojection_rmse_px=float(pnp.reprojection_rmse_px),
             n_correspondences=n_correspondences, inlier_ratio=inlier_ratio,
-            inliers_2d=inliers_2d, inliers_3d=inliers_3d,
+            inliers_2d=inliers_2d, inliers_3d=inliers_3d, keypoints_px=features.keypoints, keypoint_roles=roles,
         )
 
-    def _gate(self, n_inliers: int, inlier_ratio: float, rmse_px: float, camera: CameraIntrinsics) -> str:
+    def _gate(self, n_inliers: int, inlier_ratio: float, rmse_px: float, camera: CameraIntrinsics,
+              T_world_cam: np.ndarray) -> str:
         """'' when a PnP pose passes the acceptance gates, else why it does not."""
         c = self.config
         if n_inliers < int(c.min_inliers):
@@ -311,4 +340,44 @@ class Localizer:
         max_rmse = float(c.max_reprojection_rmse_px) * math.hypot(camera.width, camera.height) / REFERENCE_DIAGONAL_PX
         if not rmse_px <= max_rmse:
             return f"inlier reprojection RMSE {rmse_px:.2f} px above {max_rmse:.2f} px"
+        if c.max_distance_to_mapping_m > 0 and len(self.mapping_centres):
+            distance = distance_to_mapping(T_world_cam, self.mapping_centres, self.mapping_axes,
+                                           float(c.max_angle_to_mapping_deg))
+            if not distance <= float(c.max_distance_to_mapping_m):
+                return (f"camera {distance:.2f} m from the nearest mapping camera looking within "
+                        f"{c.max_angle_to_mapping_deg:g} deg of it (limit {c.max_distance_to_mapping_m:g} m): "
+                        "probably not this map's scene")
         return ""
+
+
+def mapping_viewpoints(manifest: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (N, 3) and optical axes (N, 3, unit) of the manifest's mapping frames, in the map frame.
+
+    Frames without a finite 4x4 ``T_world_cam`` are left out (a map without any: both empty, and
+    the viewpoint gate does not apply).
+    """
+    centres, axes = [], []
+    for frame in manifest.get("frames", []) or []:
+        try:
+            T = np.asarray(frame.get("T_world_cam"), dtype=np.float64)
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if T.shape != (4, 4) or not np.isfinite(T).all():
+            continue
+        axis = T[:3, 2]
+        norm = np.linalg.norm(axis)
+        if norm < 1e-9:
+            continue
+        centres.append(T[:3, 3])
+        axes.append(axis / norm)
+    return np.asarray(centres, dtype=np.float64).reshape(-1, 3), np.asarray(axes, dtype=np.float64).reshape(-1, 3)
+
+
+def distance_to_mapping(T_world_cam: np.ndarray, centres: np.ndarray, axes: np.ndarray, max_angle_deg: float) -> float:
+    """Distance (m) from the camera of ``T_world_cam`` to the nearest mapping camera whose optical
+    axis is within ``max_angle_deg`` of its own (inf when none looks that way)."""
+    axis = T_world_cam[:3, 2] / np.linalg.norm(T_world_cam[:3, 2])
+    similar = axes @ axis >= math.cos(math.radians(max_angle_deg)) - 1e-12
+    if not similar.any():
+        return math.inf
+    return float(np.linalg.norm(centres[similar] - T_world_cam[:3, 3], axis=1).min())

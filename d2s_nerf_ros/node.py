@@ -13,6 +13,8 @@ Topics (node name ``localizer``; relative names resolve in the node's namespace)
                                       frame_id only with odom_frame "" and allow_tf_without_odom
     out  /diagnostics                 diagnostic_msgs/DiagnosticArray, once a second
     out  ~/map_points                 sensor_msgs/PointCloud2 of the map's labelled 3D points, once, transient_local
+    out  ~/debug_image                sensor_msgs/Image rgb8: each localised frame with its keypoints (green PnP
+                                      inlier, red outlier, grey unreliable) and status, with publish_debug_image
     out  /initialpose                 PoseWithCovarianceStamped of base_frame, with publish_initial_pose (AMCL)
     srv  ~/relocalize                 std_srvs/Trigger: localise the next frames until one is accepted or
                                       relocalize_timeout passes; answers success and a message naming why
@@ -93,6 +95,7 @@ from d2s_nerf_ros.image_conversion import (
     compressed_msg_to_numpy,
     converter_backend,
     image_msg_to_numpy,
+    numpy_to_image_fields,
     to_uint8,
 )
 from d2s_nerf_ros.tf_math import (
@@ -161,6 +164,10 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   "(frames of another scene gave 0.03-0.04, held-out RedKitchen frames 0.11-0.41; docs/BENCHMARKS.md, wrong-scene)."),
     ParameterSpec("max_reprojection_rmse_px", 9.0, "A pose needs an inlier reprojection RMSE of at most this many pixels at 640x480, "
                   "scaled with the image diagonal (> 0); a sanity bound (true and wrong frames both give ~7 px at the 12 px threshold)."),
+    ParameterSpec("max_distance_to_mapping_m", 1.0, "A pose needs a mapping camera within this many metres whose optical axis is "
+                  "within max_angle_to_mapping_deg of its own: D2S only knows views like its training views (>= 0; 0: off). "
+                  "Held-out RedKitchen poses were 0.03-0.17 m from one, wrong-scene poses 1.15-14 m or none looking that way (docs/BENCHMARKS.md, wrong-scene)."),
+    ParameterSpec("max_angle_to_mapping_deg", 45.0, "The viewing-direction tolerance of max_distance_to_mapping_m, degrees (0, 180]."),
     ParameterSpec("map_frame", "map", "Frame of the map (REP-105); the pose and TF are expressed in it."),
     ParameterSpec("odom_frame", "odom", "Odometry frame (REP-105): the node publishes map -> odom = T_map_cam * inv(T_odom_cam), "
                   "odom -> camera looked up on TF at the image stamp. Empty: no odometry; no TF unless allow_tf_without_odom."),
@@ -184,6 +191,9 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("pose_durability", "volatile", "Durability of ~/pose: volatile, or transient_local (a late subscriber gets the last pose)."),
     ParameterSpec("publish_map_points", True, "Publish the map's 3D points (map_points.safetensors of the bundle) once on ~/map_points "
                   "(sensor_msgs/PointCloud2 in map_frame, transient_local) for RViz."),
+    ParameterSpec("publish_debug_image", False, "Publish every frame the localizer processed on ~/debug_image (sensor_msgs/Image rgb8, "
+                  "the image's header) with its keypoints drawn (green: PnP inlier, red: outlier, grey: below the reliability "
+                  "threshold) and a status line (inliers, ratio, RMSE, or why not). Costs a few ms and a raw image per frame."),
     ParameterSpec("autostart", True, "Configure and activate at start-up (no lifecycle manager needed). false: wait in "
                   "'unconfigured' for lifecycle transitions (nav2 lifecycle_manager)."),
     ParameterSpec("max_jump_translation_m", 0.5, "With odometry: a pose further than this from the one odometry predicts "
@@ -215,6 +225,8 @@ class NodeSettings:
     min_inliers: int
     min_inlier_ratio: float
     max_reprojection_rmse_px: float
+    max_distance_to_mapping_m: float
+    max_angle_to_mapping_deg: float
     map_frame: str
     odom_frame: str
     base_frame: str
@@ -232,6 +244,7 @@ class NodeSettings:
     publish_initial_pose: bool
     pose_durability: str
     publish_map_points: bool
+    publish_debug_image: bool
     autostart: bool
 
 
@@ -315,6 +328,8 @@ def settings_from_values(values: dict[str, Any]) -> NodeSettings:
         min_inliers=integer("min_inliers", 4),
         min_inlier_ratio=number("min_inlier_ratio", 0.0, 1.0),
         max_reprojection_rmse_px=number("max_reprojection_rmse_px", 0.0, low_open=True),
+        max_distance_to_mapping_m=number("max_distance_to_mapping_m", 0.0),
+        max_angle_to_mapping_deg=number("max_angle_to_mapping_deg", 0.0, 180.0, low_open=True),
         map_frame=frames["map_frame"],
         odom_frame=frames["odom_frame"],
         base_frame=frames["base_frame"],
@@ -332,6 +347,7 @@ def settings_from_values(values: dict[str, Any]) -> NodeSettings:
         publish_initial_pose=publish_initial_pose,
         pose_durability=pose_durability,
         publish_map_points=flag("publish_map_points"),
+        publish_debug_image=flag("publish_debug_image"),
         autostart=flag("autostart"),
     )
 
@@ -498,6 +514,7 @@ class LocalizerNode(LifecycleNode):
         self._relocalize_result = ""
         self._last_taken_mono = -math.inf
         self._map_points: np.ndarray | None = None
+        self._debug_image_pub: Any = None
         self._localizer = None
         self._stats = _Stats()
         self._stats_lock = threading.Lock()
@@ -610,6 +627,11 @@ class LocalizerNode(LifecycleNode):
         if s.publish_initial_pose:
             self._initial_pose_pub = self.create_publisher(PoseWithCovarianceStamped, "/initialpose", 10)
             io.append(self._initial_pose_pub)
+        self._debug_image_pub = None
+        if s.publish_debug_image:
+            self._debug_image_pub = self.create_publisher(Image, "~/debug_image", QoSProfile(
+                depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST))
+            io.append(self._debug_image_pub)
         if self._map_points is not None:
             latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
             points_pub = self.create_publisher(PointCloud2, "~/map_points", latched)
@@ -696,7 +718,8 @@ class LocalizerNode(LifecycleNode):
             max_keypoints=s.max_keypoints, reliability_threshold=s.reliability_threshold,
             ransac_threshold_px=s.ransac_threshold_px, ransac_iterations=s.ransac_iterations,
             min_inliers=s.min_inliers, min_inlier_ratio=s.min_inlier_ratio,
-            max_reprojection_rmse_px=s.max_reprojection_rmse_px, device=s.device,
+            max_reprojection_rmse_px=s.max_reprojection_rmse_px, max_distance_to_mapping_m=s.max_distance_to_mapping_m,
+            max_angle_to_mapping_deg=s.max_angle_to_mapping_deg, device=s.device,
             extractor_backend=s.extractor_backend, num_threads=s.num_threads)
         try:
             localizer = Localizer.from_path(s.map_path, config)
@@ -822,6 +845,8 @@ class LocalizerNode(LifecycleNode):
         if (width, height) != (camera.width, camera.height):
             raise FrameRejected(f"image size mismatch: image is {width}x{height} but CameraInfo says {camera.width}x{camera.height}")
         result = self._localizer.localize(image, camera)
+        if self._debug_image_pub is not None:
+            self._publish_debug_image(image, result, header)
         if not result.success:
             with self._stats_lock:
                 self._stats.last_inliers, self._stats.last_keypoints = result.n_inliers, result.n_keypoints
@@ -886,6 +911,17 @@ class LocalizerNode(LifecycleNode):
             st.window.append((time.monotonic(), True, latency_ms, processing_ms))
         if tf_problem:
             self._warn("tf", f"pose published but no TF: {tf_problem}")
+
+    def _publish_debug_image(self, image: np.ndarray, result: Any, header: Any) -> None:
+        """~/debug_image for this frame; a drawing problem is a warning, never the frame's failure."""
+        from d2s_nerf_ros.debug_image import draw_localization
+
+        try:
+            msg = Image(**numpy_to_image_fields(draw_localization(image, result), "rgb8"))
+            msg.header = header
+            self._debug_image_pub.publish(msg)
+        except Exception as exc:  # noqa: BLE001 - the debug view must not cost the pose
+            self._warn("debug_image", f"~/debug_image not published: {type(exc).__name__}: {exc}")
 
     def _odometry(self, camera_frame: str, stamp_ns: int) -> tuple[np.ndarray | None, str]:
         """``T_odom_cam`` at the image stamp (None without odom_frame or TF), and the problem if any."""

@@ -44,7 +44,10 @@ class BuildConfig:
     train_images_per_batch: int = 4
     train_keypoints_per_image: int = 1024
     train_lr: float = 5e-4
-    train_threads: int | None = None    # torch CPU threads while training (None: torch's default); CPU only
+    # torch CPU threads while training D2S and the NeRF (None: torch's default, every core); CPU only.
+    # Idle 2-core machine, 2026-12-02: 2 threads trained D2S 1.85x and nerfacto 1.5x faster than 1
+    # (docs/BENCHMARKS.md, "Training threads"); on a CPU other jobs load, 1 can win (d2s-nerf build --num-threads 1).
+    train_threads: int | None = None
     extractor_backend: str = "auto"     # how the extractor runs (auto | torch | onnxruntime); not part of the map
     extractor_threads: int = 0          # onnxruntime threads of the extractor (0: its default)
     model_layers: int = 5               # D2S attentional message-passing layers
@@ -114,7 +117,7 @@ def profile_config(profile: str) -> BuildConfig:
     if profile == "fast":
         # Tuned on RedKitchen, 20 frames, 2 shared CPU cores (result in docs/BENCHMARKS.md):
         # training time, not model capacity, is what limits a 20-minute build, so a small head and
-        # 3 message-passing layers (~0.2-0.5 s/iteration instead of 1.5-5 s at paper size) with a
+        # 3 message-passing layers (~0.2 s/iteration on 2 idle cores instead of 1.5-5 s at paper size) with a
         # higher learning rate get far further in the same minutes. Depth labels (where the source
         # has depth) label ~80 % of the keypoints instead of ~20 % and skip the matching stage;
         # 4 augmented copies per frame keep the feature re-extraction to a few minutes.
@@ -124,7 +127,6 @@ def profile_config(profile: str) -> BuildConfig:
             augment_per_image=4,
             train_iterations=3000,
             train_lr=2e-3,
-            train_threads=1,
             model_layers=3,
             model_head_dims=(256, 256),
         )
@@ -479,7 +481,6 @@ def synthesis_stage(runner: StageRunner, config: BuildConfig, mapping: MappingFr
                                            nerf_iterations=config.nerf_iterations, seed=config.seed,
                                            device=config.device, keep_fraction=config.synthesis_keep_fraction,
                                            max_poses=config.synthesis_max_poses,
-                                           # one torch thread beats two on a small shared CPU (see NerfactoConfig)
                                            cpu_threads=config.train_threads)
     if config.synthesis_renderer == "rgbd-warp":
         from offline.synthesis.rgbd_warp import RGBDWarpRenderer
@@ -549,7 +550,6 @@ def training_stage(runner: StageRunner, config: BuildConfig, labels: RealLabels,
     t0 = time.perf_counter()
     threads_before = torch.get_num_threads()
     if device.type == "cpu" and config.train_threads:
-        # On a small shared CPU one thread is often faster than two (oversubscription).
         torch.set_num_threads(config.train_threads)
     try:
         validation = validation_images(validation_frames, extractor, runner.work_dir / "query_features",

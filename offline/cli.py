@@ -141,6 +141,8 @@ def cmd_build(args) -> int:
         config.extractor.max_keypoints = args.max_keypoints
     config.fraction, config.every = args.fraction, args.every
     config.extractor_backend, config.extractor_threads = args.extractor_backend, args.num_threads
+    if args.num_threads:  # one budget for every CPU stage: also D2S and NeRF training
+        config.train_threads = args.num_threads
     config.synthesis = not args.no_synthesis
     for name in ("labels", "synthetic_labels", "synthetic_unlabelled", "synthesis_renderer", "device", "seed",
                  "train_seed", "matcher"):
@@ -219,6 +221,8 @@ def cmd_evaluate(args) -> int:
                 setattr(cfg, name, getattr(args, name))
         if args.max_reprojection_rmse is not None:
             cfg.max_reprojection_rmse_px = args.max_reprojection_rmse
+        if args.max_distance_to_mapping is not None:
+            cfg.max_distance_to_mapping_m = args.max_distance_to_mapping
         method = Localizer.from_path(Path(args.map), cfg)
         method.warmup()
         if args.feature_cache:
@@ -313,7 +317,8 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
                    help="feature network runtime: auto (onnxruntime on the CPU where the extractor has an ONNX "
                         "path, i.e. ALIKED; torch on CUDA), torch or onnxruntime")
     p.add_argument("--num-threads", type=_threads, default=0,
-                   help="CPU threads of torch and onnxruntime (intra- and inter-op); 0: the libraries' defaults")
+                   help="CPU threads of torch and onnxruntime (intra- and inter-op; in build also D2S and NeRF "
+                        "training); 0: the libraries' defaults (build: the profile's training threads)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a pose only when this share of the correspondences are inliers (default 0.07)")
     e.add_argument("--max-reprojection-rmse", type=float, metavar="PX",
                    help="accept a pose only when the inlier RMSE is at most PX pixels at 640x480 (default 9)")
+    e.add_argument("--max-distance-to-mapping", type=float, metavar="M",
+                   help="accept a pose only within M metres of a mapping camera looking the same way (default 1; 0: off)")
     e.add_argument("--quiet", action="store_true")
     add_source_arguments(e)
     e.set_defaults(func=cmd_evaluate)

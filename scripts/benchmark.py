@@ -11,6 +11,8 @@
     .venv/bin/python scripts/benchmark.py d2s-inference --map runs/bench/core_map # D2S: torch vs onnxruntime
     .venv/bin/python scripts/benchmark.py wrong-scene --map runs/bench/core_map   # poses for another scene
     .venv/bin/python scripts/benchmark.py covariance --map runs/bench/core_map    # covariance calibration
+    .venv/bin/python scripts/benchmark.py extractors                              # ALIKED vs XFeat maps, side by side
+    .venv/bin/python scripts/benchmark.py training-threads --work-dir runs/bench/core_map.work  # 1 vs 2 threads
 
 Each run rewrites its own section of docs/BENCHMARKS.md (between markers) and keeps the
 raw JSON next to the maps in --runs.
@@ -29,6 +31,8 @@ from offline.bench.common import DEFAULT_DATA, REPO  # noqa: E402
 from offline.bench.core import bench_core  # noqa: E402
 from offline.bench.gpu import add_gpu_benchmark_parser  # noqa: E402
 from offline.bench.delivery import add_delivery_parser  # noqa: E402
+from offline.bench.extractors import add_extractors_parser  # noqa: E402
+from offline.bench.threads import add_threads_parser  # noqa: E402
 from offline.bench.inference import add_inference_parser  # noqa: E402
 from offline.bench.node import add_node_benchmark_parsers  # noqa: E402
 from offline.bench.seeds import add_seeds_parser  # noqa: E402
@@ -55,6 +59,8 @@ def main() -> None:
     c.set_defaults(func=bench_core)
 
     add_ablation_parser(sub)
+    add_extractors_parser(sub)
+    add_threads_parser(sub)
     add_node_benchmark_parsers(sub)
     add_seeds_parser(sub, str(DEFAULT_DATA))
     add_gpu_benchmark_parser(sub)

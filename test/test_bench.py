@@ -111,3 +111,48 @@ def test_the_build_accepts_every_option_it_is_given(tmp_path):
         for o in ABLATION_OPTIONS:
             if o.applies_to(variant):
                 assert getattr(parsed, o.name) == getattr(args, o.name), o.name
+
+
+def test_extractors_section_has_one_row_per_extractor_with_intervals_and_cache_notes():
+    from offline.bench.extractors import add_extractors_parser, extractors_section
+
+    parser = argparse.ArgumentParser()
+    add_extractors_parser(parser.add_subparsers(dest="which"))
+    args = parser.parse_args(["extractors"])
+    assert args.extractors == ["aliked", "xfeat"] and args.synthesis and args.query_every == 4
+
+    def evaluation(median: float, low: float, high: float) -> dict:
+        return {"n_queries": 120, "n_failed": 1, "median_translation_m": median, "median_rotation_deg": 2.0,
+                "median_translation_ci95_m": [low, high], "recall_5cm": 0.3, "recall_10cm": 0.6}
+
+    def entry(name: str, cached: list[str], build_s: float) -> dict:
+        return {"build_s": build_s, "build_load": [0.2, 1.9], "cached": cached, "n_frames": 20,
+                "build_cmd": ["python", "-m", "offline.cli", "build", "DATA", "--extractor", name],
+                "timings_s": {"features": 30.0, "training": 900.0}, "synthesis": {"n_kept": 40, "n_poses": 60},
+                "extractor_config": {"max_keypoints": 1024}, "d2s": evaluation(0.09, 0.07, 0.12),
+                "match": evaluation(0.016, 0.013, 0.02),
+                "node": {"latency_ms": {"p50": 312.0}, "n_poses": 40, "n_sent": 40, "node_cpu_s_per_frame": 0.65,
+                         "node_startup_s": 9.0, "median_translation_m": 0.083}}
+
+    body = extractors_section(args, {"aliked": entry("aliked", [], 1500.0), "xfeat": entry("xfeat", ["synthesis"], 700.0)},
+                              (0.2, 1.9))
+    rows = [line for line in body.splitlines() if line.startswith("| aliked") or line.startswith("| xfeat")]
+    assert len(rows) == 2
+    assert "| aliked | 1024 | 25.0 min | 9.0 cm (7.0 cm-12.0 cm) |" in rows[0]
+    assert "1.6 cm (1.3 cm-2.0 cm)" in rows[1] and "312 ms" in rows[1] and "40 of 40" in rows[1]
+    assert "from the shared work directory's cache: synthesis" in body
+    assert "same recording" in body and "not the 7-Scenes test split" in body
+    assert "`d2s-nerf build DATA --extractor aliked`" in body
+
+
+def test_training_threads_section_gives_medians_and_speed_ratios():
+    from offline.bench.threads import add_threads_parser, threads_section
+
+    parser = argparse.ArgumentParser()
+    add_threads_parser(parser.add_subparsers(dest="which"))
+    args = parser.parse_args(["training-threads", "--work-dir", "some.work"])
+    assert args.threads == [1, 2] and args.repeats == 2
+    body = threads_section(args, {1: [0.36, 0.38], 2: [0.19, 0.20]}, {1: [0.34, 0.34], 2: [0.24, 0.21]}, 20, (0.3, 1.8))
+    assert "| D2S, fast profile (250 iterations) | 2 | 190, 200 ms | 195 ms | 1.90x |" in body
+    assert "| nerfacto, fast profile (100 iterations after 20) | 1 | 340, 340 ms | 340 ms | 1.00x |" in body
+    assert "--work-dir some.work" in body and "20 RedKitchen mapping frames" in body

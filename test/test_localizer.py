@@ -13,7 +13,8 @@ from d2s_nerf_ros.camera import CameraIntrinsics
 from d2s_nerf_ros.features import make_extractor
 from d2s_nerf_ros.features.base import Features
 from d2s_nerf_ros.geometry import pose_error, transform_points
-from d2s_nerf_ros.localizer import LocalizationResult, Localizer, LocalizerConfig
+from d2s_nerf_ros.localizer import (KEYPOINT_INLIER, KEYPOINT_UNUSED, LocalizationResult, Localizer,
+                                    LocalizerConfig)
 from d2s_nerf_ros.map_bundle import MapBundle
 from d2s_nerf_ros.models.d2s import D2SConfig, D2SNet, reliability
 
@@ -87,6 +88,8 @@ def test_untrained_map_fails_on_a_textured_image_and_says_why(random_localizer: 
     assert result.n_reliable < 15
     assert result.used_fallback
     assert "most reliable" in result.reason
+    # A refused frame still says which keypoints PnP got (~/debug_image draws them).
+    assert (result.keypoint_roles != KEYPOINT_UNUSED).sum() == result.n_correspondences > 0
 
 
 def test_uint16_and_grey_images_are_accepted(random_localizer: Localizer):
@@ -214,8 +217,57 @@ def test_overfit_map_localizes_its_own_frame(redkitchen_dir: Path):
     assert_failed_cleanly(localizer.localize_features(short, CAMERA), "64-d descriptors")
     assert_failed_cleanly(localizer.localize_features(image, CAMERA), "must be Features")
     assert result.n_inliers >= 100 and result.n_reliable >= result.n_inliers
+    # Every keypoint's role, for ~/debug_image: as many inliers and PnP correspondences as counted.
+    roles = result.keypoint_roles
+    assert result.keypoints_px.shape == (result.n_keypoints, 2) and roles.shape == (result.n_keypoints,)
+    assert (roles == KEYPOINT_INLIER).sum() == result.n_inliers
+    assert (roles != KEYPOINT_UNUSED).sum() == result.n_correspondences
     assert set(result.timings_ms) == STAGES
     cov = result.covariance
     assert cov.shape == (6, 6) and np.allclose(cov, cov.T) and np.linalg.eigvalsh(cov).min() > 0
     # The position uncertainty is a few millimetres to centimetres, not a constant placeholder.
     assert 1e-4 < np.sqrt(np.diag(cov)[:3]).max() < 0.1
+
+    # The viewpoint gate: a pose needs a mapping camera near it looking the same way.
+    def with_mapping_camera(T_world_cam: np.ndarray, **config) -> LocalizationResult:
+        mapped = MapBundle.create(model, extractor=extractor.config(), camera=CAMERA,
+                                  frames=[{"name": "mapping", "T_world_cam": T_world_cam.tolist()}])
+        return Localizer(mapped, LocalizerConfig(max_keypoints=400, device="cpu", **config)).localize_features(
+            features, CAMERA)
+
+    nearby = T_gt.copy()
+    nearby[:3, 3] += [0.3, 0.0, 0.4]  # 0.5 m away, same direction
+    assert with_mapping_camera(nearby).success
+    far = T_gt.copy()
+    far[:3, 3] += [1.2, 0.0, 1.6]  # 2 m away
+    refused = with_mapping_camera(far)
+    assert not refused.success and "2.00 m from the nearest mapping camera" in refused.reason, refused.reason
+    assert with_mapping_camera(far, max_distance_to_mapping_m=0.0).success  # 0: the gate is off
+    turned = T_gt @ np.diag([-1.0, 1.0, -1.0, 1.0])  # same place, looking the other way
+    refused = with_mapping_camera(turned)
+    assert not refused.success and "inf m" in refused.reason, refused.reason
+    assert with_mapping_camera(turned, max_angle_to_mapping_deg=180.0).success
+
+
+def test_mapping_viewpoints_skip_frames_without_a_usable_pose():
+    from d2s_nerf_ros.localizer import distance_to_mapping, mapping_viewpoints
+
+    T = np.eye(4)
+    T[:3, 3] = [1.0, 2.0, 3.0]
+    manifest = {"frames": [{"name": "a", "T_world_cam": T.tolist()}, {"name": "no pose"},
+                           {"name": "nan", "T_world_cam": np.full((4, 4), np.nan).tolist()},
+                           {"name": "3x3", "T_world_cam": np.eye(3).tolist()}, {"name": "text", "T_world_cam": "eye"}]}
+    centres, axes = mapping_viewpoints(manifest)
+    assert centres.tolist() == [[1.0, 2.0, 3.0]] and axes.tolist() == [[0.0, 0.0, 1.0]]
+    assert mapping_viewpoints({})[0].shape == (0, 3)
+    query = np.eye(4)
+    assert distance_to_mapping(query, centres, axes, 45.0) == pytest.approx(np.sqrt(14.0))
+    # 60 degrees off the mapping camera's axis: outside 45, inside 90.
+    c, s = np.cos(np.radians(60)), np.sin(np.radians(60))
+    query[:3, :3] = [[c, 0, s], [0, 1, 0], [-s, 0, c]]
+    assert distance_to_mapping(query, centres, axes, 45.0) == np.inf
+    assert distance_to_mapping(query, centres, axes, 90.0) == pytest.approx(np.sqrt(14.0))
+    with pytest.raises(ValueError, match="max_distance_to_mapping_m"):
+        LocalizerConfig(max_distance_to_mapping_m=-1.0).validate()
+    with pytest.raises(ValueError, match="max_angle_to_mapping_deg"):
+        LocalizerConfig(max_angle_to_mapping_deg=0.0).validate()

@@ -549,16 +549,35 @@ def test_pose_tf_and_diagnostics_with_a_map_that_localizes(tmp_path: Path, overf
     from d2s_nerf_ros.tf_math import pose_from_msg, stamp_to_ns, transform_from_msg
     from offline.replay import camera_info_fields
 
-    # The camera's pose and TF map -> camera (opted in), as a camera without a robot would use.
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from d2s_nerf_ros.debug_image import INLIER_RGB
+    from d2s_nerf_ros.image_conversion import image_msg_to_numpy
+
+    # The camera's pose and TF map -> camera (opted in), as a camera without a robot would use;
+    # with ~/debug_image.
     node, probe = start_node_with_probe(tmp_path, localising_params(
-        overfit_map_path, odom_frame="", base_frame="", allow_tf_without_odom=True, transform_tolerance=0.1))
+        overfit_map_path, odom_frame="", base_frame="", allow_tf_without_odom=True, transform_tolerance=0.1,
+        publish_debug_image=True))
+    debug_images: list[Any] = []
     try:
+        probe.node.create_subscription(Image, "/localizer/debug_image", debug_images.append,
+                                       QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
         probe.send_info(camera_info_fields(redkitchen_frames[0].camera))
         time.sleep(0.2)
         covariances = []
         for frame in redkitchen_frames:
             stamp = probe.send_image(image_fields(frame.load_rgb()))
             pose = wait_pose(probe, stamp)
+            debug = probe.wait_until(lambda: next((m for m in debug_images if stamp_of(m) == stamp), None),
+                                     FRAME_TIMEOUT_S, f"~/debug_image stamped {stamp}")
+            drawn = image_msg_to_numpy(debug)
+            assert debug.encoding == "rgb8" and debug.header.frame_id == CAMERA_FRAME
+            assert drawn.shape == frame.load_rgb().shape
+            # Inliers drawn in their colour, and the status band at the top.
+            assert (drawn == np.array(INLIER_RGB, np.uint8)).all(axis=2).sum() >= 15 * 5, frame.name
+            assert (drawn[:4] == 0).mean() > 0.9
             assert pose.header.frame_id == "map"
             T = pose_from_msg(pose.pose.pose)
             dt, dr = pose_error(T, frame.T_world_cam)

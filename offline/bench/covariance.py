@@ -74,7 +74,7 @@ def bench_covariance(args) -> None:
     localizer = Localizer.from_path(map_dir, LocalizerConfig(device="cpu"))
     reprojection_only = ErrorModel(coordinate_sigma_m=0.0, covariance_scale=1.0, source="reprojection only")
 
-    rows, per_frame = {"calibrated": ([], []), "reprojection only": ([], [])}, []
+    rows, per_frame = {"calibrated": ([], [], []), "reprojection only": ([], [], [])}, []
     for i, frame in enumerate(queries):
         result = localizer.localize(frame.load_rgb(), frame.camera)
         if not result.success:
@@ -86,16 +86,19 @@ def bench_covariance(args) -> None:
         for label, cov in (("calibrated", result.covariance),
                            ("reprojection only", reprojection_only.pose_covariance(
                                result.T_world_cam, result.inliers_2d, result.inliers_3d, frame.camera))):
-            n6, n3 = nees(delta, cov), nees(delta[:3], cov[:3, :3])
+            n6, n3, nr = nees(delta, cov), nees(delta[:3], cov[:3, :3]), nees(delta[3:], cov[3:, 3:])
             rows[label][0].append(n6)
             rows[label][1].append(n3)
-            entry[label] = {"nees6": n6, "nees3": n3, "sigma_xyz_m": np.sqrt(np.diag(cov)[:3]).tolist()}
+            rows[label][2].append(nr)
+            entry[label] = {"nees6": n6, "nees3": n3, "nees_rotation": nr,
+                            "sigma_xyz_m": np.sqrt(np.diag(cov)[:3]).tolist()}
         per_frame.append(entry)
         print(f"  {i + 1}/{len(queries)} {frame.name}: {100 * t_err:.1f} cm, NEES {entry['calibrated']['nees6']:.1f} "
               f"(reprojection only {entry['reprojection only']['nees6']:.0f})", flush=True)
     load1 = load_average()
-    summary = {label: {"6dof": calibration_row(v6, 6), "position": calibration_row(v3, 3)}
-               for label, (v6, v3) in rows.items()}
+    summary = {label: {"6dof": calibration_row(v6, 6), "position": calibration_row(v3, 3),
+                       "rotation": calibration_row(vr, 3)}
+               for label, (v6, v3, vr) in rows.items()}
     (runs / "covariance.json").write_text(json.dumps({"error_model": model.to_dict(), "summary": summary,
                                                       "frames": per_frame}, indent=1))
 
@@ -111,7 +114,7 @@ def bench_covariance(args) -> None:
         for block, r in blocks.items():
             dof = 6 if block == "6dof" else 3
             median_expected = 5.35 if dof == 6 else 2.37
-            table.append(f"| {label} | {'pose (6 DoF)' if dof == 6 else 'position (3 DoF)'} | {r['n']} | "
+            table.append(f"| {label} | {'pose (6 DoF)' if dof == 6 else block + ' (3 DoF)'} | {r['n']} | "
                          + " | ".join(f"{pct(r[f'inside_{k}sigma'])} ({pct(r[f'expected_{k}sigma'])})" for k in (1, 2, 3))
                          + f" | {num(r['mean_nees'])} ({dof}) | {num(r['median_nees'])} ({median_expected}) |")
     sigmas = [f["calibrated"]["sigma_xyz_m"] for f in per_frame if f.get("success")]

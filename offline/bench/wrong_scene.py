@@ -28,7 +28,7 @@ from offline.bench.common import (add_map_benchmark_arguments, fmt_pct, load_ave
                                   runs_and_map, shown_command, shown_path)
 from offline.bench.node import NodeUnderTest, build_soak_map, demo_view, image_and_info, start_client
 
-GATES_OFF = {"min_inlier_ratio": 0.0, "max_reprojection_rmse_px": 1000.0}
+GATES_OFF = {"min_inlier_ratio": 0.0, "max_reprojection_rmse_px": 1000.0, "max_distance_to_mapping_m": 0.0}
 
 
 @dataclass
@@ -107,6 +107,7 @@ def _score(rows: list[dict[str, Any]], queries: list[Query], same_scene: bool) -
         if r["answer"] == "failed":
             text = r.get("reason", "")
             key = ("inlier ratio" if "inlier ratio" in text else "reprojection RMSE" if "RMSE" in text
+                   else "viewpoint" if "nearest mapping camera" in text
                    else "too few inliers" if "inliers (minimum" in text else "other")
             reasons[key] = reasons.get(key, 0) + 1
     out["rejected_by"] = reasons
@@ -151,7 +152,7 @@ def bench_wrong_scene(args) -> None:
     (runs / "wrong_scene.json").write_text(json.dumps(results, indent=1))
 
     defaults = LocalizerConfig()
-    table = ["| map | query frames | gates | published | 5 cm / 5° | 10 cm / 10° | published > 1 m off | rejected by (ratio / RMSE / count / other) |",
+    table = ["| map | query frames | gates | published | 5 cm / 5° | 10 cm / 10° | published > 1 m off | rejected by (ratio / RMSE / viewpoint / count / other) |",
              "|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         same = r["map"] == r["frames"]
@@ -160,7 +161,8 @@ def bench_wrong_scene(args) -> None:
             f"| {r['map']} | {r['frames']} ({'true' if same else 'wrong'} scene) | {r['gates']} | "
             f"**{r['published']} of {r['sent']}** | {fmt_pct(r['recall_5cm_5deg']) if same else '-'} | "
             f"{fmt_pct(r['recall_10cm_10deg']) if same else '-'} | {r['published_wrong_1m'] if same else r['published']} | "
-            f"{rej.get('inlier ratio', 0)} / {rej.get('reprojection RMSE', 0)} / {rej.get('too few inliers', 0)} / {rej.get('other', 0)} |")
+            f"{rej.get('inlier ratio', 0)} / {rej.get('reprojection RMSE', 0)} / {rej.get('viewpoint', 0)} / "
+            f"{rej.get('too few inliers', 0)} / {rej.get('other', 0)} |")
     manifest = json.loads((map_dir / "manifest.json").read_text())
     shown_map = shown_path(map_dir)
     note = manifest.get("training", {}).get("note")  # e.g. a bundle made from a training checkpoint
@@ -177,8 +179,9 @@ def bench_wrong_scene(args) -> None:
   as the mapping frames, not the 7-Scenes test split; the map's error-model frames left out) and {len(room)} demo-room
   views between the demo map's views.
 - Gates `default`: min_inliers {defaults.min_inliers}, min_inlier_ratio {defaults.min_inlier_ratio:g},
-  max_reprojection_rmse_px {defaults.max_reprojection_rmse_px:g} (at 640x480). `off`: min_inliers {defaults.min_inliers} only
-  (ratio 0, RMSE 1000 px): the node before the gates.
+  max_reprojection_rmse_px {defaults.max_reprojection_rmse_px:g} (at 640x480), max_distance_to_mapping_m
+  {defaults.max_distance_to_mapping_m:g} (a mapping camera that close, optical axes within {defaults.max_angle_to_mapping_deg:g}°).
+  `off`: min_inliers {defaults.min_inliers} only (ratio 0, RMSE 1000 px, no viewpoint gate): the node before the gates.
 
 {chr(10).join(table)}
 """

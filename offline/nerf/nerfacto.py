@@ -77,9 +77,10 @@ class NerfactoConfig:
     checkpoint_every: int = 250
     log_every: int = 100
     render_chunk_rays: int = 4096
-    # torch CPU threads while training (None: leave torch's setting). On a CPU shared with other
-    # jobs, 1 is much faster than 2: every small op waits for both threads to be scheduled
-    # (measured here under load: 0.4 vs 1.0 CPU-s per 1024-ray iteration).
+    # torch CPU threads while training (None: leave torch's setting). On an idle 2-core machine 2
+    # threads were 1.5x faster than 1 (0.21-0.24 vs 0.34 s per 1024-ray iteration); on a CPU
+    # other jobs load, 1 can win: every small op waits for both threads to be scheduled
+    # (measured under load: 0.4 vs 1.0 CPU-s per iteration).
     cpu_threads: int | None = None
     # Extra NerfactoModelConfig fields on top of the profile (e.g. {"log2_hashmap_size": 17}).
     extra_model_options: dict[str, Any] = field(default_factory=dict)
