@@ -45,8 +45,8 @@ class BuildConfig:
     train_keypoints_per_image: int = 1024
     train_lr: float = 5e-4
     # torch CPU threads while training D2S and the NeRF (None: torch's default, every core); CPU only.
-    # Idle 2-core machine, 2026-12-02: 2 threads trained D2S 1.85x and nerfacto 1.5x faster than 1
-    # (docs/BENCHMARKS.md, "Training threads"); on a CPU other jobs load, 1 can win (d2s-nerf build --num-threads 1).
+    # Idle 2-core machine, 2026-12-02: 2 threads trained D2S 1.68x and nerfacto 1.36x faster than 1
+    # (docs/BENCHMARKS.md, training-threads); on a CPU other jobs load, 1 can win (d2s-nerf build --num-threads 1).
     train_threads: int | None = None
     extractor_backend: str = "auto"     # how the extractor runs (auto | torch | onnxruntime); not part of the map
     extractor_threads: int = 0          # onnxruntime threads of the extractor (0: its default)

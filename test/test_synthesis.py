@@ -323,6 +323,23 @@ def test_synthesis_stage_end_to_end_with_exact_renders(tmp_path, sift_and_mnn, m
     assert fourth.stats["keep_threshold"] == 26
     assert fourth.stats["n_kept"] == sum(d["n_matches"] >= 26 for d in stats["decisions"]) >= stats["n_kept"]
 
+    # Another extractor in the same work directory (the renders are reused): its own descriptors,
+    # never the cached result of the first one (seen: a 64-d XFeat build got ALIKED's 128-d ones).
+    from d2s_nerf_ros.features import make_extractor
+
+    fewer = make_extractor("sift", max_keypoints=256, device="cpu")
+    lines.clear()
+    fifth = run_synthesis(frames, real_labels(frames, fewer), fewer, matcher, renderers, other, tmp_path / "syn",
+                          log=lines.append)
+    assert not any("cached" in line for line in lines) and fifth.stats["n_rendered_now"] == 0
+    assert max(len(image.keypoints) for image in fifth.images) <= 256 < max(len(i.keypoints) for i in fourth.images)
+    # Changed real labels (another label mode of the mapping frames): not the cached result either.
+    moved = {name: dataclasses.replace(image, points3D=image.points3D + 1.0) for name, image in real.items()}
+    lines.clear()
+    sixth = run_synthesis(frames, moved, extractor, matcher, renderers, other, tmp_path / "syn", log=lines.append)
+    assert not any("cached" in line for line in lines)
+    assert [i.points3D.tobytes() for i in sixth.images] != [i.points3D.tobytes() for i in fourth.images]
+
     # The map report shows the synthesis: kept views on the trajectory, the match histogram with
     # its threshold, and real/render pairs (the files the stats point at exist).
     from offline.report import write_report

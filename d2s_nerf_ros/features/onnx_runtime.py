@@ -139,8 +139,9 @@ def make_session(path: Path, num_threads: int = 0):
         options.intra_op_num_threads = int(num_threads)
         options.inter_op_num_threads = int(num_threads)
     # ORT's pool threads otherwise spin for a while after each run, taking the cores from the
-    # torch code that follows (detection and description): measured at 640x480 on 2 cores,
-    # description took 80 ms with spinning and 47 ms without, the dense network the same.
+    # torch code that follows (detection and description). In-process at 640x480 on 2 idle
+    # cores description took 80 ms with spinning and 47 ms without (2 pairs of runs); through
+    # the node the end-to-end p50 moved within its noise (312 -> 314 ms).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -9,6 +9,7 @@ same query frames: D2S and the matching baseline (``d2s-nerf evaluate``), and th
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shlex
@@ -35,7 +36,10 @@ def bench_extractors(args) -> None:
     log = runs / "extractors.log"
     work_dir = runs / "extractors.work"
     feature_cache = runs / "extractors_query_features"
-    results: dict[str, dict] = {}
+    summary = runs / "extractors.json"
+    # Extractors measured by an earlier run into the same --runs stay in the table (a run for one
+    # extractor adds its row); each row keeps the load and date of the run that measured it.
+    results: dict[str, dict] = json.loads(summary.read_text()) if summary.is_file() else {}
     for extractor in args.extractors:
         map_dir = runs / f"extractors_{extractor}"
         build_cmd = d2s_nerf() + ["build", str(args.data), "--out", str(map_dir), "--fraction", str(args.fraction),
@@ -69,10 +73,11 @@ def bench_extractors(args) -> None:
                   "base_frame": "", "extractor_backend": "auto", "num_threads": args.num_threads}
         entry["node"] = {k: v for k, v in run_node_latency(params, queries, node_args, runs, f"-{extractor}").items()
                          if k != "frames"}
+        entry["date"] = datetime.date.today().isoformat()
         results[extractor] = entry
-        (runs / "extractors.json").write_text(json.dumps(results, indent=1, default=str))
-    publish_section("extractors", extractors_section(args, results, (min(LOAD_SAMPLES), max(LOAD_SAMPLES))),
-                    args.benchmarks_file)
+        summary.write_text(json.dumps(results, indent=1, default=str))
+    loads = [load for e in results.values() for load in e["build_load"]] + LOAD_SAMPLES
+    publish_section("extractors", extractors_section(args, results, (min(loads), max(loads))), args.benchmarks_file)
 
 
 def extractors_section(args, results: dict[str, dict], load_range: tuple[float, float]) -> str:
@@ -96,7 +101,7 @@ def extractors_section(args, results: dict[str, dict], load_range: tuple[float, 
         syn = e["synthesis"]
         syn_text = (f"; synthesis kept {syn.get('n_kept', '?')} of {syn.get('n_poses', '?')} renders, "
                     f"{syn.get('n_valid_keypoints', '?')} synthetic labelled keypoints") if syn else ""
-        stage_lines.append(f"- `{extractor}` build: {e['build_s'] / 60:.1f} min wall, 1-minute load "
+        stage_lines.append(f"- `{extractor}` ({e.get('date', 'date not recorded')}) build: {e['build_s'] / 60:.1f} min wall, 1-minute load "
                            f"{e['build_load'][0]:.1f} to {e['build_load'][1]:.1f}; stages {stages}{cached}{syn_text}. "
                            f"Node: backend auto ({'onnxruntime' if extractor == 'aliked' else 'torch'}), start-up "
                            f"{e['node']['node_startup_s']:.0f} s, median error through the node "

@@ -112,6 +112,19 @@ def _config_key(frames: Sequence[Frame], config: SynthesisConfig, renderer_names
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _result_key(config_key: str, extractor, matcher, references: Sequence[LabelledImage]) -> str:
+    """``config_key`` extended by the extractor's and matcher's settings and a digest of the
+    reference labels (names, keypoints, descriptors, 3D points, validity)."""
+    digest = hashlib.sha256()
+    for ref in references:
+        digest.update(ref.name.encode())
+        for array in (ref.keypoints, ref.descriptors, ref.points3D, ref.valid):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    doc = {"config": config_key, "extractor": extractor.config(), "matcher": matcher.config(),
+           "references": digest.hexdigest()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 # What the renders depend on: not the filter or the labels, so an ablation over label modes or
 # keep thresholds renders once.
 RENDER_INDEPENDENT_FIELDS = ("filter", "labels", "extract_at_camera_resolution")
@@ -212,7 +225,11 @@ def run_synthesis(
         raise ValueError("synthesis needs at least one renderer")
     timings["nerf_s"] = time.perf_counter() - t0
 
-    key = _config_key(frames, config, [r.name for r in renderers])
+    # The finished result also depends on what the renders are matched with and to: the extractor
+    # and matcher, and the real labelled keypoints (a work directory reused with another extractor
+    # or label mode must not get the other one's synthetic descriptors). The renders do not.
+    key = _result_key(_config_key(frames, config, [r.name for r in renderers]), extractor, matcher,
+                      [real_labelled[f.name] for f in frames])
     done = _finished_result(work_dir, key)
     if done is not None:
         log(f"[synthesis] cached in {work_dir}")
