@@ -91,8 +91,8 @@ def run_demo(work: Path, quick: bool = False) -> int:
 
     config = profile_config("fast")
     config.synthesis = not quick
-    # Budgets aimed at "under 15 minutes on 2 idle CPU cores" (not yet confirmed: trials while other jobs
-    # shared the CPU took 18-27 min, docs/BENCHMARKS.md "Demo trials"); the fast profile's own budgets
+    # Budgets for about 12 minutes on 2 idle CPU cores (measured 11.6 min, docs/BENCHMARKS.md "Demo on an
+    # idle machine"; trials while other jobs shared the CPU took 18-32 min); the fast profile's own budgets
     # are sized for real 640x480 scenes.
     config.train_iterations = 1000 if quick else 3000
     # 512 of each image's keypoints per training step: attention cost is quadratic in the count,
