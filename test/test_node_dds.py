@@ -568,13 +568,14 @@ def test_pose_tf_and_diagnostics_with_a_map_that_localizes(tmp_path: Path, overf
         time.sleep(0.2)
         covariances = []
         for frame in redkitchen_frames:
-            stamp = probe.send_image(image_fields(frame.load_rgb()))
+            rgb = frame.load_rgb()
+            stamp = probe.send_image(image_fields(rgb))
             pose = wait_pose(probe, stamp)
             debug = probe.wait_until(lambda: next((m for m in debug_images if stamp_of(m) == stamp), None),
                                      FRAME_TIMEOUT_S, f"~/debug_image stamped {stamp}")
             drawn = image_msg_to_numpy(debug)
             assert debug.encoding == "rgb8" and debug.header.frame_id == CAMERA_FRAME
-            assert drawn.shape == frame.load_rgb().shape
+            assert drawn.shape == rgb.shape
             # Inliers drawn in their colour, and the status band at the top.
             assert (drawn == np.array(INLIER_RGB, np.uint8)).all(axis=2).sum() >= 15 * 5, frame.name
             assert (drawn[:4] == 0).mean() > 0.9

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -116,6 +117,19 @@ def publish_section(name: str, body: str, path: Path | str = BENCH_MD) -> None:
     """Write ``body`` as the section ``name`` of ``path`` and show it on stdout."""
     write_section(name, body, path)
     print(body)
+
+
+def held_out_frames(frames, manifest: dict, every: int, count: int = 0) -> list:
+    """Every ``every``-th of ``frames`` that is not one of the map's mapping frames, at most ``count`` (0: all)."""
+    mapping = {f["name"] for f in manifest.get("frames", [])}
+    held_out = [f for f in frames if f.name not in mapping][::every]
+    return held_out[:count] if count else held_out
+
+
+def copy_work_dir(source: Path, target: Path, skip: tuple[str, ...] = ()) -> None:
+    """A copy of a build's work directory (its cached stages) without its trainings, staged bundles
+    and the ``skip`` patterns: the builds run on the copy write their own trainings into it."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("train-*", "bundle-staged-*", *skip))
 
 
 def results_row(label: str, res: dict) -> str:

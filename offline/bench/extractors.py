@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from offline.bench.common import (BENCH_MD, DEFAULT_DATA, LOAD_SAMPLES, REPO, d2s_nerf, fmt_deg, fmt_m, fmt_ms,
-                                  fmt_pct, machine_line, publish_section, run, shown_command)
+                                  fmt_pct, held_out_frames, machine_line, publish_section, run, shown_command)
 
 
 def _ci(res: dict, key: str, fmt) -> str:
@@ -64,10 +64,8 @@ def bench_extractors(args) -> None:
             run(cmd, log)
             entry[method] = json.loads((out / "results.json").read_text())
         # The node: the first --node-frames of the same held-out frames, one at a time.
-        mapping = {f["name"] for f in manifest.get("frames", [])}
         frameset = open_source(args.data, runs / "extractors_source")
-        held_out = [f for f in frameset.frames if f.name not in mapping]
-        queries = held_out[::args.node_query_every][:args.node_frames]
+        queries = held_out_frames(frameset.frames, manifest, args.node_query_every, args.node_frames)
         node_args = SimpleNamespace(image_qos="sensor_data", rate=0.5, gap=0.5, answer_timeout=30.0)
         params = {"map_path": str(map_dir.resolve()), "device": "cpu", "image_qos": "sensor_data", "odom_frame": "",
                   "base_frame": "", "extractor_backend": "auto", "num_threads": args.num_threads}

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from offline.bench.common import (BENCH_MD, DEFAULT_DATA, REPO, fmt_deg, fmt_m, fmt_ms, fmt_pct, load_average,
-                                  machine, machine_line, percentile, publish_section, shown_command)
+                                  held_out_frames, machine, machine_line, percentile, publish_section,
+                                  shown_command)
 from offline.node_process import LocalizerNodeProcess, localizer_node_command
 
 NODE_READY_TIMEOUT_S = 180.0   # torch import + map load + warm-up on 2 busy cores
@@ -156,8 +157,7 @@ def bench_node_latency(args) -> None:
     manifest = json.loads((map_dir / "manifest.json").read_text())
     mapping_names = {f["name"] for f in manifest.get("frames", [])}
     frameset = open_source(args.data, runs / "node_latency_source")
-    held_out = [f for f in frameset.frames if f.name not in mapping_names]
-    queries = held_out[::args.query_every][:args.frames] if args.frames else held_out[::args.query_every]
+    queries = held_out_frames(frameset.frames, manifest, args.query_every, args.frames)
     if not queries:
         sys.exit(f"no held-out frames in {args.data} (all {len(frameset)} are mapping frames of {map_dir})")
     size = {(f.camera.width, f.camera.height) for f in queries}

@@ -14,14 +14,14 @@ from __future__ import annotations
 import datetime
 import json
 import shlex
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from offline.bench.common import LOAD_SAMPLES, REPO, d2s_nerf, fmt_deg, fmt_m, fmt_pct, machine, publish_section, run
+from offline.bench.common import (LOAD_SAMPLES, REPO, copy_work_dir, d2s_nerf, fmt_deg, fmt_m, fmt_pct, machine,
+                                  publish_section, run)
 
 SAME_RECORDING_NOTE = ("The queries are held-out frames of the same RedKitchen recording as the mapping frames "
                        "(seq-01 of the shared development split), not the 7-Scenes test split: the numbers are not "
@@ -81,7 +81,7 @@ def bench_seeds(args) -> None:
     log = runs / "seeds.log"
     if args.work_dir_from and not (runs / "work").exists():
         # A copy, never the original: the builds here write their trainings into it.
-        shutil.copytree(args.work_dir_from, runs / "work", ignore=shutil.ignore_patterns("train-*", "bundle-staged-*"))
+        copy_work_dir(Path(args.work_dir_from), runs / "work")
     arms = {"A": shlex.split(args.baseline), "B": shlex.split(args.variant)}
     summary_path = runs / "seeds_summary.json"
     if args.report_only:

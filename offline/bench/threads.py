@@ -19,21 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from offline.bench.common import (BENCH_MD, DEFAULT_DATA, REPO, d2s_nerf, load_average, machine_line,
+from offline.bench.common import (BENCH_MD, DEFAULT_DATA, REPO, copy_work_dir, d2s_nerf, load_average, machine_line,
                                   publish_section, run, shown_command, shown_path)
-
-# What a build caches before training (everything but the training itself).
-CACHED_STAGES = ("features", "depth_labels", "matches", "triangulation", "augmentation", "source",
-                 "mapping_frames.json")
-
-
-def _copy_cached_stages(work_dir: Path, target: Path) -> None:
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    for entry in work_dir.iterdir():
-        if entry.name.split(".")[0] in CACHED_STAGES:
-            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, target / entry.name)
-
 
 def bench_training_threads(args) -> None:
     from offline.nerf.nerfacto import NerfactoConfig, train_nerfacto
@@ -51,7 +38,8 @@ def bench_training_threads(args) -> None:
     for repeat in range(args.repeats):
         for t in threads:
             copy = runs / f"threads_work_{t}"
-            _copy_cached_stages(work_dir, copy)
+            shutil.rmtree(copy, ignore_errors=True)
+            copy_work_dir(work_dir, copy, skip=("synthesis*",))  # D2S alone: no NeRF to copy
             out = runs / f"threads_map_{t}"
             run(d2s_nerf() + ["build", str(args.data), "--out", str(out), "--work-dir", str(copy), "--fraction",
                               str(args.fraction), "--profile", "fast", "--no-synthesis", "--train-iterations",

@@ -79,9 +79,8 @@ class NerfactoConfig:
     render_chunk_rays: int = 4096
     # torch CPU threads while training (None: leave torch's setting). On an idle 2-core machine 2
     # threads were 1.36x faster than 1 (0.24 vs 0.33 s per 1024-ray iteration, docs/BENCHMARKS.md
-    # training-threads); on a CPU
-    # other jobs load, 1 can win: every small op waits for both threads to be scheduled
-    # (measured under load: 0.4 vs 1.0 CPU-s per iteration).
+    # training-threads); on a CPU other jobs load, 1 can win: every small op waits for both
+    # threads to be scheduled (measured under load: 0.4 vs 1.0 CPU-s per iteration).
     cpu_threads: int | None = None
     # Extra NerfactoModelConfig fields on top of the profile (e.g. {"log2_hashmap_size": 17}).
     extra_model_options: dict[str, Any] = field(default_factory=dict)

@@ -120,9 +120,7 @@ def _result_key(config_key: str, extractor, matcher, references: Sequence[Labell
         digest.update(ref.name.encode())
         for array in (ref.keypoints, ref.descriptors, ref.points3D, ref.valid):
             digest.update(np.ascontiguousarray(array).tobytes())
-    doc = {"config": config_key, "extractor": extractor.config(), "matcher": matcher.config(),
-           "references": digest.hexdigest()}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(config_key, extractor.config(), matcher.config(), digest.hexdigest())
 
 
 # What the renders depend on: not the filter or the labels, so an ablation over label modes or
