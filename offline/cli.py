@@ -70,6 +70,16 @@ def _positive_minutes(text: str) -> float:
     return value
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
 def _early_batch(text: str) -> tuple[int, int]:
     values = _parse_floats(text, 2, "--early-batch (IMAGES,KEYPOINTS)")
     if any(v < 1 or v != int(v) for v in values):
@@ -124,14 +134,9 @@ def open_frames(args, source: Path, out_dir: Path, fraction: float | None = None
 
 # --------------------------------------------------------------------------- commands
 
-def build_work_dir(args) -> Path:
-    """``build``'s stage cache: ``--work-dir``, else ``OUT.work`` beside the bundle."""
-    out = Path(args.out)
-    return Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
-
-
-def cmd_build(args) -> int:
-    from offline.build import ExtractorSettings, build_map, profile_config
+def build_config_from_args(args) -> "BuildConfig":
+    """``build``'s options over its profile's defaults, validated (before any source is read)."""
+    from offline.build import ExtractorSettings, profile_config
 
     config = profile_config(args.profile)
     if args.extractor:
@@ -152,7 +157,10 @@ def cmd_build(args) -> int:
         config.train_iterations = args.train_iterations
     for flag, name in (("train_minutes", "train_minutes"), ("lr_schedule", "train_lr_schedule"),
                        ("train_lr", "train_lr"), ("loss_reduction", "train_loss_reduction"),
-                       ("early_batch", "train_early_batch"), ("validation_frames", "validation_frames")):
+                       ("early_batch", "train_early_batch"), ("validation_frames", "validation_frames"),
+                       ("head_warmup", "train_head_warmup"), ("head_warmup_batch", "train_head_warmup_batch"),
+                       ("model_layers", "model_layers"), ("model_head", "model_head_dims"),
+                       ("augment_per_image", "augment_per_image"), ("descriptor_noise", "train_descriptor_noise")):
         if getattr(args, flag) is not None:
             setattr(config, name, getattr(args, flag))
     if args.nerf_iterations:
@@ -166,6 +174,19 @@ def cmd_build(args) -> int:
             raise ValueError(f"--synthetic-ratio must be in [0, 1], got {args.synthetic_ratio}")
         config.synthetic_ratio = args.synthetic_ratio
     config.validate()
+    return config
+
+
+def build_work_dir(args) -> Path:
+    """``build``'s stage cache: ``--work-dir``, else ``OUT.work`` beside the bundle."""
+    out = Path(args.out)
+    return Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
+
+
+def cmd_build(args) -> int:
+    from offline.build import build_map
+
+    config = build_config_from_args(args)
     out = Path(args.out)
     work = build_work_dir(args)
     from offline.sources.rosbag_source import is_bag
@@ -221,6 +242,8 @@ def cmd_evaluate(args) -> int:
                 setattr(cfg, name, getattr(args, name))
         if args.max_reprojection_rmse is not None:
             cfg.max_reprojection_rmse_px = args.max_reprojection_rmse
+        if args.ransac_threshold is not None:
+            cfg.ransac_threshold_px = args.ransac_threshold
         if args.max_distance_to_mapping is not None:
             cfg.max_distance_to_mapping_m = args.max_distance_to_mapping
         method = Localizer.from_path(Path(args.map), cfg)
@@ -347,13 +370,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "so that the whole LR schedule, its anneal included, fits M minutes (overrides "
                         "--train-iterations)")
     b.add_argument("--lr-schedule", choices=["steps", "cosine", "onecycle"],
-                   help="D2S learning rate: steps (halvings, the default), cosine (full anneal), onecycle (ACE's)")
+                   help="D2S learning rate: steps (halvings; paper profile), cosine (full anneal; fast profile), onecycle (ACE's)")
     b.add_argument("--train-lr", type=float, help="D2S peak learning rate (fast 2e-3)")
     b.add_argument("--loss-reduction", choices=["normalised", "published"],
                    help="D2S loss terms: normalised means (default) or the published code's per-image sums")
     b.add_argument("--early-batch", type=_early_batch, metavar="IMAGES,KEYPOINTS",
                    help="for the first half of D2S training: IMAGES images per batch with KEYPOINTS keypoints each "
                         "(then the profile's batch with all keypoints)")
+    b.add_argument("--augment-per-image", type=int, metavar="N",
+                   help="rotated and scaled copies of each mapping frame, features re-extracted (fast 4, paper 20)")
+    b.add_argument("--head-warmup", type=int, metavar="STEPS",
+                   help="train the D2S regression head alone for STEPS shuffled batches of keypoints before the "
+                        "full model (ACE-style warm start; its time counts in --train-minutes)")
+    b.add_argument("--head-warmup-batch", type=int, metavar="KEYPOINTS", help="keypoints per head warm-up step (8192)")
+    b.add_argument("--descriptor-noise", type=float, metavar="SIGMA",
+                   help="D2S training: Gaussian noise on each descriptor, SIGMA times its norm (default 0)")
+    b.add_argument("--model-layers", type=int, help="D2S attention layers (fast 1, paper 5)")
+    b.add_argument("--model-head", type=_int_list, metavar="DIMS",
+                   help="D2S regression head widths, comma-separated (fast 512,512,512; paper 512,1024,1024,512)")
     b.add_argument("--validation-frames", type=int,
                    help="non-mapping frames held out for the learning curves and never scored (default 6)")
     b.add_argument("--synthesis-keep-fraction", type=float,
@@ -397,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a pose only when this share of the correspondences are inliers (default 0.07)")
     e.add_argument("--max-reprojection-rmse", type=float, metavar="PX",
                    help="accept a pose only when the inlier RMSE is at most PX pixels at 640x480 (default 9)")
+    e.add_argument("--ransac-threshold", type=float, metavar="PX",
+                   help="PnP-RANSAC inlier threshold in pixels at 640x480 (default 12)")
     e.add_argument("--max-distance-to-mapping", type=float, metavar="M",
                    help="accept a pose only within M metres of a mapping camera looking the same way (default 1; 0: off)")
     e.add_argument("--quiet", action="store_true")

@@ -164,10 +164,14 @@ def write_report(map_dir: Path, report_path: Path, frames: list[Frame], real: li
         sections.append(("Training", _img_tag(_png(training_figure(history)), "training curves")))
     if learning_curves:
         val = tr.get("validation_frames") or []
-        note = (f"<p>Scored every {learning_curves[1]['iteration'] if len(learning_curves) > 1 else '?'} iterations on "
+        steps = sorted({c["iteration"] for c in learning_curves if c["iteration"] > 0})
+        warmed = any(c.get("after_head_warmup") for c in learning_curves)
+        note = (f"<p>Scored every {steps[0] if steps else '?'} iterations on "
                 f"a few real training frames and on {len(val)} validation frames ({html.escape(', '.join(val))}): "
                 "real frames of the recording that are neither mapping frames nor scored as queries. A training "
-                "curve that stays high is underfitting; a validation curve far above it is overfitting.</p>")
+                "curve that stays high is underfitting; a validation curve far above it is overfitting."
+                + (" The second point at iteration 0 follows the head warm-up (the per-keypoint head trained "
+                   "alone on shuffled keypoints before the attention layers join)." if warmed else "") + "</p>")
         sections.append(("Learning curves", note + _img_tag(_png(learning_curves_figure(learning_curves)),
                                                           "learning curves")))
     if synthesis_stats.get("match_counts"):

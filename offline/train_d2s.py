@@ -34,6 +34,14 @@ batches) and one learning-curve point is timed; ``iterations`` is then fixed so 
 schedule, its anneal included, fits the budget. The count is stored with the checkpoint, so a
 resumed training keeps it.
 
+Head warm-up (``head_warmup_iterations``): before the schedule above, the regression head alone
+learns descriptor -> (xyz, u) on shuffled batches of ``head_warmup_batch`` keypoints drawn from
+every training image (ACE's recipe: decorrelated samples and large batches make a per-keypoint
+regressor converge in minutes), with its own OneCycle to ``head_warmup_lr``. The attention
+layers start as the identity (the last linear of each layer's MLP is zero), so the full model
+begins from exactly the warmed-up head and the message passing only has to learn a correction.
+A step of the head costs a small fraction of a full step (no attention, no per-image padding).
+
 Learning curves (``curve_points``): the model is scored (``offline/learning_curves.py``) on a
 few real training frames and on ``validation`` frames before training, every
 iterations/curve_points and at the end; written to ``learning_curves.json`` in ``work_dir``.
@@ -113,6 +121,13 @@ class D2STrainConfig:
     train_minutes: float | None = added_field(None)     # wall-clock budget: fixes ``iterations`` from the measured step time
     calibration_steps: int = added_field(5)             # per batch kind (the first is a warm-up), for train_minutes
     curve_points: int = unhashed_field(12)              # learning-curve points after the one before training (0: none)
+    # Gaussian noise added to each training descriptor, as the expected norm of the noise vector
+    # relative to the descriptor's own (then rescaled to its norm): a stand-in for the change of a
+    # point's descriptor between viewpoints that 20 mapping frames do not show (0: none).
+    descriptor_noise: float = added_field(0.0)
+    head_warmup_iterations: int = added_field(0)        # head-only steps before the full model (0: none)
+    head_warmup_batch: int = added_field(8192)          # keypoints per head warm-up step
+    head_warmup_lr: float = added_field(3e-3)           # the warm-up's OneCycle peak
 
     def __post_init__(self) -> None:
         self.lr_halving_fractions = tuple(float(f) for f in self.lr_halving_fractions)
@@ -144,6 +159,10 @@ class D2STrainConfig:
                 raise ValueError(f"{name} must be >= 1 (or None), got {getattr(self, name)}")
         if self.train_minutes is not None and not (math.isfinite(self.train_minutes) and self.train_minutes > 0):
             raise ValueError(f"train_minutes must be a positive number of minutes, got {self.train_minutes}")
+        if not (math.isfinite(self.descriptor_noise) and self.descriptor_noise >= 0):
+            raise ValueError(f"descriptor_noise must be >= 0, got {self.descriptor_noise}")
+        if self.head_warmup_iterations < 0 or self.head_warmup_batch < 1 or not self.head_warmup_lr > 0:
+            raise ValueError("need head_warmup_iterations >= 0, head_warmup_batch >= 1 and head_warmup_lr > 0")
         if self.calibration_steps < 2 or self.curve_points < 0:
             raise ValueError("calibration_steps must be >= 2 and curve_points >= 0")
 
@@ -161,6 +180,7 @@ class TrainResult:
     curves: list[dict[str, Any]] = field(default_factory=list)  # learning-curve points (see CURVES_NAME)
     iterations_planned: int = 0   # the schedule's length (from train_minutes when given)
     step_seconds: float | None = None  # the measured step time train_minutes planned with
+    head_warmup: dict[str, float] | None = None  # head warm-up summary (iterations, seconds, final losses)
 
 
 def batch_shape(config: D2STrainConfig, iteration: int | None) -> tuple[int, int]:
@@ -185,17 +205,22 @@ def iterations_for_budget(budget_s: float, step_s: float, fixed_s: float, margin
     return iterations
 
 
+def onecycle_lr(peak: float, iteration: int, iterations: int, rise_fraction: float) -> float:
+    """ACE's OneCycle: a cosine rise from peak/25 over ``rise_fraction``, then a cosine fall to peak/25/1e4."""
+    start = peak / ONECYCLE_START_DIVISOR
+    end = start / ONECYCLE_END_DIVISOR
+    rise = int(round(rise_fraction * iterations))
+    if iteration < rise:
+        return start + (peak - start) * 0.5 * (1.0 - math.cos(math.pi * iteration / rise))
+    progress = min(1.0, (iteration - rise) / max(1, iterations - 1 - rise))
+    return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def learning_rate(config: D2STrainConfig, iteration: int) -> float:
     """The learning rate used for step ``iteration`` (0-based); a pure function, so resuming is exact."""
     lr = config.lr
     if config.lr_schedule == "onecycle":
-        start = lr / ONECYCLE_START_DIVISOR
-        end = start / ONECYCLE_END_DIVISOR
-        rise = int(round(config.onecycle_rise_fraction * config.iterations))
-        if iteration < rise:
-            return start + (lr - start) * 0.5 * (1.0 - math.cos(math.pi * iteration / rise))
-        progress = min(1.0, (iteration - rise) / max(1, config.iterations - 1 - rise))
-        return end + (lr - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return onecycle_lr(lr, iteration, config.iterations, config.onecycle_rise_fraction)
     warmup = int(round(config.warmup_fraction * config.iterations))
     if iteration < warmup:
         return lr * (0.1 + 0.9 * iteration / warmup)
@@ -293,6 +318,17 @@ def pack_images(images: list[LabelledImage], descriptor_dim: int, device: torch.
     )
 
 
+def noisy_descriptors(descriptors: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """``descriptors`` plus isotropic Gaussian noise whose expected norm is ``noise`` times each
+    descriptor's norm, rescaled back to that norm (unit descriptors stay on the unit sphere)."""
+    if noise <= 0:
+        return descriptors
+    eps = torch.randn(descriptors.shape, generator=generator).to(descriptors.device, descriptors.dtype)
+    norm = descriptors.norm(dim=-1, keepdim=True)
+    noisy = descriptors + eps * (noise / math.sqrt(descriptors.shape[-1])) * norm
+    return noisy * (norm / noisy.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+
+
 @dataclass
 class Batch:
     descriptors: torch.Tensor  # (B, K, D)
@@ -337,7 +373,7 @@ def sample_batch(packed: PackedImages, config: D2STrainConfig, generator: torch.
         rel_mask = mask & (valid | ~synthetic_rows)
     chosen = chosen.to(device)
     return Batch(
-        descriptors=packed.descriptors[flat],
+        descriptors=noisy_descriptors(packed.descriptors[flat], config.descriptor_noise, generator),
         mask=mask,
         points3D=packed.points3D[flat],
         valid=valid,
@@ -387,6 +423,111 @@ def batch_losses(model: D2SNet, batch: Batch, tau_px: float | None, median_depth
 
     loss = xyz_loss + rel_loss + reproj_loss
     return {"loss": loss, "xyz_loss": xyz_loss, "rel_loss": rel_loss, "reproj_loss": reproj_loss}
+
+
+# ------------------------------------------------------------------------------ head warm-up
+@dataclass
+class KeypointPool:
+    """Flat indices of the packed keypoints, split by source, for shuffled per-keypoint batches."""
+    real: torch.Tensor        # (R,) int64, CPU
+    synthetic: torch.Tensor   # (S,) int64, CPU
+    is_synthetic: torch.Tensor  # (M,) bool, device: the keypoint comes from a synthetic image
+
+
+def keypoint_pool(packed: PackedImages) -> KeypointPool:
+    per_keypoint = torch.repeat_interleave(packed.is_synthetic, packed.counts)
+    return KeypointPool(real=torch.nonzero(~per_keypoint).flatten(), synthetic=torch.nonzero(per_keypoint).flatten(),
+                        is_synthetic=per_keypoint.to(packed.descriptors.device))
+
+
+def sample_keypoints(packed: PackedImages, pool: KeypointPool, config: D2STrainConfig,
+                     generator: torch.Generator) -> torch.Tensor:
+    """``head_warmup_batch`` flat keypoint indices, ``synthetic_ratio`` of them (in expectation)
+    from synthetic images when there are any, drawn with replacement."""
+    n = config.head_warmup_batch
+    n_syn = 0
+    if len(pool.synthetic) and len(pool.real):
+        n_syn = int(math.floor(n * config.synthetic_ratio + float(torch.rand((), generator=generator))))
+    elif len(pool.synthetic):
+        n_syn = n
+    return torch.cat([pool.real[torch.randint(len(pool.real), (n - n_syn,), generator=generator)],
+                      pool.synthetic[torch.randint(len(pool.synthetic), (n_syn,), generator=generator)]
+                      if n_syn else pool.real[:0]])
+
+
+def head_losses(model: D2SNet, packed: PackedImages, pool: KeypointPool, flat: torch.Tensor,
+                synthetic_unlabelled: str, descriptors: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The normalised xyz and reliability losses of ``flat`` keypoints through the head alone."""
+    flat = flat.to(packed.descriptors.device)
+    xyz_hat, u = model.regress(descriptors if descriptors is not None else packed.descriptors[flat])
+    valid = packed.valid[flat].float()
+    seen = torch.ones_like(valid)
+    if synthetic_unlabelled == "ignored":
+        seen = (packed.valid[flat] | ~pool.is_synthetic[flat]).float()
+    xyz_err = torch.sqrt(((xyz_hat.float() - packed.points3D[flat]) ** 2).sum(-1) + 1e-12)
+    xyz_loss = (xyz_err * valid).sum() / valid.sum().clamp(min=1.0)
+    rel_loss = torch.sqrt(((valid - reliability(u.float())) ** 2 * seen).sum() / seen.sum().clamp(min=1.0) + 1e-12)
+    return {"loss": xyz_loss + rel_loss, "xyz_loss": xyz_loss, "rel_loss": rel_loss}
+
+
+def zero_attention_residuals(model: D2SNet) -> None:
+    """Make every attention layer the identity (x + 0), so a warmed-up head is the whole model."""
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mlp[-1].weight.zero_()
+            layer.mlp[-1].bias.zero_()
+
+
+def head_warmup(model: D2SNet, packed: PackedImages, config: D2STrainConfig, generator: torch.Generator,
+                iterations: int, progress: bool = False) -> dict[str, float]:
+    """Train ``model.head`` / ``model.head_out`` alone for ``iterations`` shuffled keypoint batches."""
+    from offline.progress import progress_bar
+
+    pool = keypoint_pool(packed)
+    params = list(model.head.parameters()) + list(model.head_out.parameters())
+    optimizer = torch.optim.Adam(params, lr=config.head_warmup_lr)
+    model.train()
+    t0 = time.perf_counter()
+    tail: list[dict[str, float]] = []
+    bar = progress_bar(total=iterations, enabled=progress, desc="D2S head warm-up", unit="it")
+    try:
+        for iteration in range(iterations):
+            for group in optimizer.param_groups:
+                group["lr"] = onecycle_lr(config.head_warmup_lr, iteration, iterations, config.onecycle_rise_fraction)
+            flat = sample_keypoints(packed, pool, config, generator)
+            descriptors = noisy_descriptors(packed.descriptors[flat.to(packed.descriptors.device)],
+                                            config.descriptor_noise, generator)
+            losses = head_losses(model, packed, pool, flat, config.synthetic_unlabelled, descriptors)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            if iteration >= iterations - max(1, iterations // 20):
+                tail.append({k: float(v.detach()) for k, v in losses.items()})
+            bar.update(1)
+    finally:
+        bar.close()
+    summary = {"iterations": iterations, "seconds": time.perf_counter() - t0, "batch": config.head_warmup_batch}
+    for key in ("xyz_loss", "rel_loss"):
+        summary[f"final_{key}"] = float(np.mean([t[key] for t in tail])) if tail else float("nan")
+    return summary
+
+
+def measure_head_step_seconds(model: D2SNet, packed: PackedImages, config: D2STrainConfig, steps: int = 4) -> float:
+    """Seconds per head warm-up step, from throw-away steps on a copy of the model."""
+    probe = copy.deepcopy(model).train()
+    optimizer = torch.optim.Adam(list(probe.head.parameters()) + list(probe.head_out.parameters()), lr=config.head_warmup_lr)
+    pool = keypoint_pool(packed)
+    generator = torch.Generator().manual_seed(config.seed + 104729)
+    times = []
+    for _ in range(max(2, steps)):
+        t0 = time.perf_counter()
+        losses = head_losses(probe, packed, pool, sample_keypoints(packed, pool, config, generator),
+                             config.synthetic_unlabelled)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -553,16 +694,20 @@ def train_d2s(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = D2SNet(model_config)
+    if config.head_warmup_iterations:
+        zero_attention_residuals(model)
     model.set_coordinate_frame(*_coordinate_frame(packed.points3D.cpu(), packed.valid.cpu()))
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
 
     start, seconds_before, history, curves, step_seconds = 0, 0.0, [], [], None
+    warmup_summary: dict[str, float] | None = None
     state = _load_checkpoint(work_dir, model, optimizer, device, model_config, packed.fingerprint)
     if state is not None:
         start, seconds_before, history = state["iteration"], state["seconds"], state["history"]
         curves = state.get("curves", [])
+        warmup_summary = state.get("head_warmup")
         step_seconds = state.get("step_seconds")
         _set_generator_state(generator, state["generator"])
         if config.train_minutes is not None and state.get("iterations_planned"):
@@ -599,10 +744,18 @@ def train_d2s(
             if config.curve_points and affordable < config.curve_points:
                 config = dataclasses.replace(config, curve_points=max(1, affordable))
             fixed_s = (time.perf_counter() - t_begin) + config.curve_points * curve_s
+            if config.head_warmup_iterations:
+                fixed_s += config.head_warmup_iterations * measure_head_step_seconds(model, packed, config)
             config = dataclasses.replace(config, iterations=iterations_for_budget(
                 60.0 * config.train_minutes, step_seconds, fixed_s))
             if curves:
                 curves[0]["lr"] = learning_rate(config, 0)
+        if config.head_warmup_iterations:
+            warmup_summary = head_warmup(model, packed, config, generator, config.head_warmup_iterations, progress)
+            if config.curve_points:
+                curves.append({"iteration": 0, "seconds": time.perf_counter() - t_begin, "after_head_warmup": True,
+                               "lr": learning_rate(config, 0), "train": score_images(model, probe, device),
+                               "validation": score_images(model, validation, device) if validation else None})
         seconds_before = time.perf_counter() - t_begin  # planning is part of the training's time
     curve_every = max(1, config.iterations // config.curve_points) if config.curve_points else 0
 
@@ -611,13 +764,16 @@ def train_d2s(
             "iteration": iteration, "seconds": seconds, "history": history, "curves": curves,
             "iterations_planned": config.iterations, "step_seconds": step_seconds, "curve_points": config.curve_points,
             "generator": _generator_state(generator), "model_config": model_config.to_dict(),
-            "data_fingerprint": packed.fingerprint, "train_config": config.to_dict(),
+            "data_fingerprint": packed.fingerprint, "train_config": config.to_dict(), "head_warmup": warmup_summary,
         })
 
     def result(iteration: int) -> TrainResult:
         return TrainResult(model=model.eval(), history=history, iteration=iteration, curves=curves,
-                           iterations_planned=config.iterations, step_seconds=step_seconds)
+                           iterations_planned=config.iterations, step_seconds=step_seconds,
+                           head_warmup=warmup_summary)
 
+    if state is None and config.head_warmup_iterations:
+        checkpoint(0, seconds_before)  # an interrupted run resumes after the warm-up, not before it
     if start >= config.iterations:
         return result(start)
 

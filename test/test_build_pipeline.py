@@ -145,11 +145,36 @@ def test_cli_rejects_bad_synthesis_options_before_reading_the_source(tmp_path, o
     ("--early-batch", "8,0.5", 2, "--early-batch takes two positive integers"),
     ("--lr-schedule", "linear", 2, "invalid choice"),
     ("--validation-frames", "-1", 1, "validation_frames must be >= 0"),
+    ("--model-head", "512,0", 2, "expected comma-separated positive integers"),
+    ("--model-layers", "-1", 1, "model_layers must be >= 0"),
+    ("--head-warmup", "-5", 1, "train_head_warmup must be >= 0"),
+    ("--descriptor-noise", "-0.1", 1, "train_descriptor_noise must be >= 0"),
+    ("--augment-per-image", "-1", 1, "augment_per_image must be >= 0"),
 ])
 def test_cli_rejects_bad_training_options_before_reading_the_source(tmp_path, option, value, code, message):
     proc = _cli("build", str(tmp_path / "does-not-exist"), "--out", str(tmp_path / "m"), option, value)
     assert proc.returncode == code and message in proc.stderr, proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_cli_training_options_reach_the_build_config():
+    from offline.build import profile_config
+    from offline.cli import build_config_from_args, build_parser
+
+    # No option: the fast profile as it is (the recipe docs/BENCHMARKS.md "seeds-recipe" measured).
+    fast = build_config_from_args(build_parser().parse_args(["build", "src", "--out", "m"]))
+    assert fast == profile_config("fast")
+    assert (fast.model_layers, fast.model_head_dims, fast.train_lr_schedule, fast.train_iterations) == \
+        (1, (512, 512, 512), "cosine", 4000)
+    args = build_parser().parse_args(["build", "src", "--out", "m", "--model-layers", "3", "--model-head", "256,256",
+                                      "--lr-schedule", "steps", "--train-iterations", "3000", "--head-warmup", "500",
+                                      "--head-warmup-batch", "4096", "--descriptor-noise", "0.1",
+                                      "--augment-per-image", "8"])
+    config = build_config_from_args(args)
+    assert (config.model_layers, config.model_head_dims, config.train_lr_schedule, config.train_iterations) == \
+        (3, (256, 256), "steps", 3000)
+    assert (config.train_head_warmup, config.train_head_warmup_batch, config.train_descriptor_noise,
+            config.augment_per_image) == (500, 4096, 0.1, 8)
 
 
 def test_cli_empty_selection_is_an_error(demo, tmp_path):

@@ -19,8 +19,9 @@ from d2s_nerf_ros.models.d2s import D2SConfig, D2SNet
 from offline.augment import AugmentConfig, augment_images
 from offline.labelled import LabelledImage
 from offline.train_d2s import (
-    CURVES_NAME, D2STrainConfig, batch_losses, iterations_for_budget, learning_rate, pack_images,
-    reprojection_threshold_px, sample_batch, train_d2s,
+    CURVES_NAME, D2STrainConfig, batch_losses, head_warmup, iterations_for_budget, keypoint_pool, learning_rate,
+    noisy_descriptors, pack_images, reprojection_threshold_px, sample_batch, sample_keypoints, train_d2s,
+    zero_attention_residuals,
 )
 
 torch.set_num_threads(1)  # the machine is shared: one thread trains faster than two contended ones
@@ -322,6 +323,104 @@ def test_wall_clock_budget_fixes_a_schedule_that_completes(tmp_path):
     again = train_d2s(images, config, D2SConfig(32, n_layers=1, head_dims=(64,)), tmp_path, progress=False)
     assert again.iteration == again.iterations_planned == result.iterations_planned
     assert again.step_seconds == result.step_seconds
+
+
+def test_descriptor_noise_keeps_norms_and_has_the_asked_size():
+    g = torch.Generator().manual_seed(0)
+    d = torch.nn.functional.normalize(torch.randn(4000, 128, generator=g), dim=1) * 3.0
+    assert noisy_descriptors(d, 0.0, g) is d
+    noisy = noisy_descriptors(d, 0.2, g)
+    torch.testing.assert_close(noisy.norm(dim=1), d.norm(dim=1))
+    # The noise vector's expected norm is 0.2 of the descriptor's; after rescaling to the sphere the
+    # angle moved is about atan(0.2) ~ 0.197 rad.
+    angle = torch.arccos((noisy * d).sum(1) / 9.0).clamp(max=3.0)
+    assert float(angle.mean()) == pytest.approx(math.atan(0.2), rel=0.05)
+    # Batches draw it from the training generator: the same seed, the same batch.
+    rng = np.random.default_rng(3)
+    packed = pack_images([geometric_image(rng, "a", 60, 16)], 16, torch.device("cpu"), [False])
+    config = D2STrainConfig(images_per_batch=1, descriptor_noise=0.1)
+    a = sample_batch(packed, config, torch.Generator().manual_seed(5), torch.device("cpu"))
+    b = sample_batch(packed, config, torch.Generator().manual_seed(5), torch.device("cpu"))
+    clean = sample_batch(packed, D2STrainConfig(images_per_batch=1), torch.Generator().manual_seed(5), torch.device("cpu"))
+    torch.testing.assert_close(a.descriptors, b.descriptors)
+    assert not torch.allclose(a.descriptors[a.mask], clean.descriptors[clean.mask])
+    with pytest.raises(ValueError, match="descriptor_noise"):
+        D2STrainConfig(descriptor_noise=-0.1)
+
+
+# ------------------------------------------------------------------------------ head warm-up
+def test_head_warmup_batches_mix_sources_by_keypoint():
+    rng = np.random.default_rng(11)
+    real = [geometric_image(rng, f"r{i}", 50, 16) for i in range(3)]
+    syn = [geometric_image(rng, f"s{i}", 80, 16, source="synthetic") for i in range(2)]
+    packed = pack_images(real + syn, 16, torch.device("cpu"), [False] * 3 + [True] * 2)
+    pool = keypoint_pool(packed)
+    assert len(pool.real) == 150 and len(pool.synthetic) == 160
+    assert pool.is_synthetic.sum() == 160 and not pool.is_synthetic[:150].any()
+    config = D2STrainConfig(head_warmup_batch=1000, synthetic_ratio=0.3)
+    flat = torch.cat([sample_keypoints(packed, pool, config, torch.Generator().manual_seed(s)) for s in range(20)])
+    assert len(flat) == 20_000
+    share = float(pool.is_synthetic[flat].float().mean())
+    assert share == pytest.approx(0.3, abs=0.02)
+    # Every keypoint of the pool can be drawn (not only the first of each image).
+    assert len(torch.unique(flat)) > 0.99 * 310
+
+
+@pytest.mark.builds  # trains a D2S head: seconds to a minute on 2 cores
+def test_head_warmup_fits_keypoints_and_hands_over_the_same_model():
+    rng = np.random.default_rng(12)
+    images = [geometric_image(rng, f"im{i}", 150, 32) for i in range(2)]
+    packed = pack_images(images, 32, torch.device("cpu"), [False, False])
+    torch.manual_seed(0)
+    model = D2SNet(D2SConfig(32, n_layers=2, head_dims=(128, 128)))
+    model.set_coordinate_frame(packed.points3D[packed.valid].median(0).values, 1.0)
+    zero_attention_residuals(model)
+    head_before = _state(model)
+    config = D2STrainConfig(head_warmup_batch=256, head_warmup_lr=3e-3)
+    summary = head_warmup(model, packed, config, torch.Generator().manual_seed(0), 600)
+    assert summary["iterations"] == 600 and summary["final_xyz_loss"] < 0.1
+    after = _state(model)
+    # Only the head moved; the attention layers are untouched (and still the identity).
+    for key, value in after.items():
+        assert torch.equal(value, head_before[key]) == (not key.startswith("head")), key
+    model.eval()
+    for im in images:
+        d = torch.from_numpy(im.descriptors)
+        xyz, u = model(d[None])
+        xyz_head, u_head = model.regress(d)
+        torch.testing.assert_close(xyz[0], xyz_head)
+        torch.testing.assert_close(u[0], u_head)
+        xyz, r = model.predict(d)
+        err = np.linalg.norm(xyz.numpy() - im.points3D, axis=1)[im.valid]
+        assert np.median(err) < 0.1, np.median(err)  # labels span metres
+        r = r.numpy()
+        assert np.median(r[im.valid]) > 0.7 and np.median(r[~im.valid]) < 0.3
+
+
+def test_head_warmup_runs_once_inside_the_wall_clock_budget(tmp_path):
+    rng = np.random.default_rng(13)
+    images = [geometric_image(rng, f"im{i}", 100, 32) for i in range(2)]
+    config = D2STrainConfig(iterations=1, train_minutes=0.15, images_per_batch=2, max_keypoints_per_image=64,
+                            lr_schedule="onecycle", device="cpu", checkpoint_every=10_000, curve_points=2,
+                            calibration_steps=3, head_warmup_iterations=40, head_warmup_batch=128)
+    model_config = D2SConfig(32, n_layers=1, head_dims=(64,))
+    t0 = time.perf_counter()
+    result = train_d2s(images, config, model_config, tmp_path, progress=False)
+    assert time.perf_counter() - t0 < 0.15 * 60 * 1.5
+    assert result.head_warmup["iterations"] == 40 and result.head_warmup["seconds"] > 0
+    assert result.iteration == result.iterations_planned >= 10
+    assert result.history[-1]["lr"] == pytest.approx(config.lr / 25 / 1e4, rel=1e-6)
+    # Curves: before training, after the warm-up, then the full model's points.
+    assert [c.get("after_head_warmup", False) for c in result.curves[:2]] == [False, True]
+    assert [c["iteration"] for c in result.curves[:2]] == [0, 0]
+    state = json.loads((tmp_path / json.loads((tmp_path / "latest.json").read_text())["checkpoint"]
+                        / "state.json").read_text())
+    assert state["head_warmup"] == result.head_warmup
+    # A rerun resumes the finished training: no second warm-up, the same weights.
+    again = train_d2s(images, config, model_config, tmp_path, progress=False)
+    assert again.head_warmup == result.head_warmup and again.iteration == result.iteration
+    for key, value in _state(again.model).items():
+        assert torch.equal(value, _state(result.model)[key])
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

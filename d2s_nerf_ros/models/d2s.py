@@ -138,7 +138,12 @@ class D2SNet(nn.Module):
         x = descriptors
         for layer in self.layers:
             x = layer(x, key_mask)
-        x = self.head(x)
+        return self.regress(x)
+
+    def regress(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-keypoint head alone: features (..., D) -> xyz (..., 3), u (...). Training warms
+        it up on shuffled keypoints before the attention layers join (offline/train_d2s.py)."""
+        x = self.head(features)
         # The last layer runs in float32 even under autocast: the coordinates need the
         # precision that bfloat16 lacks.
         with torch.autocast(device_type=x.device.type, enabled=False):
