@@ -329,6 +329,20 @@ def noisy_descriptors(descriptors: torch.Tensor, noise: float, generator: torch.
     return noisy * (norm / noisy.norm(dim=-1, keepdim=True).clamp(min=1e-12))
 
 
+def synthetic_count(n: int, n_real: int, n_synthetic: int, ratio: float, generator: torch.Generator) -> int:
+    """How many of ``n`` draws come from the synthetic pool: ``ratio`` of them in expectation when
+    both pools have members (stochastic rounding keeps the share exact for any ``n``), else all
+    from the one that does."""
+    if n_synthetic and n_real:
+        return int(math.floor(n * ratio + float(torch.rand((), generator=generator))))
+    return n if n_synthetic else 0
+
+
+def draw(ids: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` members of ``ids`` drawn uniformly with replacement."""
+    return ids[torch.randint(len(ids), (count,), generator=generator)] if count else ids[:0]
+
+
 @dataclass
 class Batch:
     descriptors: torch.Tensor  # (B, K, D)
@@ -347,16 +361,8 @@ def sample_batch(packed: PackedImages, config: D2STrainConfig, generator: torch.
     real_ids = torch.nonzero(~packed.is_synthetic).flatten()
     syn_ids = torch.nonzero(packed.is_synthetic).flatten()
     b, max_keypoints = batch_shape(config, iteration)
-    n_syn = 0
-    if len(syn_ids) and len(real_ids):
-        # Stochastic rounding keeps the expected synthetic share exact for any batch size.
-        n_syn = int(math.floor(b * config.synthetic_ratio + float(torch.rand((), generator=generator))))
-    elif len(syn_ids):
-        n_syn = b
-    chosen = torch.cat([
-        real_ids[torch.randint(len(real_ids), (b - n_syn,), generator=generator)] if b > n_syn else real_ids[:0],
-        syn_ids[torch.randint(len(syn_ids), (n_syn,), generator=generator)] if n_syn else syn_ids[:0],
-    ])
+    n_syn = synthetic_count(b, len(real_ids), len(syn_ids), config.synthetic_ratio, generator)
+    chosen = torch.cat([draw(real_ids, b - n_syn, generator), draw(syn_ids, n_syn, generator)])
     k = int(min(max_keypoints, int(packed.counts[chosen].max())))
     index = packed.index[chosen, : int(packed.counts[chosen].max())]
     # Random subset of each image's keypoints: the k smallest random keys, padding keys last.
@@ -440,26 +446,19 @@ def keypoint_pool(packed: PackedImages) -> KeypointPool:
                         is_synthetic=per_keypoint.to(packed.descriptors.device))
 
 
-def sample_keypoints(packed: PackedImages, pool: KeypointPool, config: D2STrainConfig,
-                     generator: torch.Generator) -> torch.Tensor:
+def sample_keypoints(pool: KeypointPool, config: D2STrainConfig, generator: torch.Generator) -> torch.Tensor:
     """``head_warmup_batch`` flat keypoint indices, ``synthetic_ratio`` of them (in expectation)
     from synthetic images when there are any, drawn with replacement."""
     n = config.head_warmup_batch
-    n_syn = 0
-    if len(pool.synthetic) and len(pool.real):
-        n_syn = int(math.floor(n * config.synthetic_ratio + float(torch.rand((), generator=generator))))
-    elif len(pool.synthetic):
-        n_syn = n
-    return torch.cat([pool.real[torch.randint(len(pool.real), (n - n_syn,), generator=generator)],
-                      pool.synthetic[torch.randint(len(pool.synthetic), (n_syn,), generator=generator)]
-                      if n_syn else pool.real[:0]])
+    n_syn = synthetic_count(n, len(pool.real), len(pool.synthetic), config.synthetic_ratio, generator)
+    return torch.cat([draw(pool.real, n - n_syn, generator), draw(pool.synthetic, n_syn, generator)])
 
 
 def head_losses(model: D2SNet, packed: PackedImages, pool: KeypointPool, flat: torch.Tensor,
-                synthetic_unlabelled: str, descriptors: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The normalised xyz and reliability losses of ``flat`` keypoints through the head alone."""
-    flat = flat.to(packed.descriptors.device)
-    xyz_hat, u = model.regress(descriptors if descriptors is not None else packed.descriptors[flat])
+                descriptors: torch.Tensor, synthetic_unlabelled: str) -> dict[str, torch.Tensor]:
+    """The normalised xyz and reliability losses of the ``flat`` keypoints (on the packed tensors'
+    device), given their ``descriptors``, through the head alone."""
+    xyz_hat, u = model.regress(descriptors)
     valid = packed.valid[flat].float()
     seen = torch.ones_like(valid)
     if synthetic_unlabelled == "ignored":
@@ -478,14 +477,29 @@ def zero_attention_residuals(model: D2SNet) -> None:
             layer.mlp[-1].bias.zero_()
 
 
+def head_parameters(model: D2SNet) -> list[torch.nn.Parameter]:
+    return [*model.head.parameters(), *model.head_out.parameters()]
+
+
+def head_step(model: D2SNet, optimizer: torch.optim.Optimizer, packed: PackedImages, pool: KeypointPool,
+              config: D2STrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One head warm-up step: a shuffled keypoint batch (descriptor noise included) through the head alone."""
+    flat = sample_keypoints(pool, config, generator).to(packed.descriptors.device)
+    descriptors = noisy_descriptors(packed.descriptors[flat], config.descriptor_noise, generator)
+    losses = head_losses(model, packed, pool, flat, descriptors, config.synthetic_unlabelled)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
+    return losses
+
+
 def head_warmup(model: D2SNet, packed: PackedImages, config: D2STrainConfig, generator: torch.Generator,
                 iterations: int, progress: bool = False) -> dict[str, float]:
     """Train ``model.head`` / ``model.head_out`` alone for ``iterations`` shuffled keypoint batches."""
     from offline.progress import progress_bar
 
     pool = keypoint_pool(packed)
-    params = list(model.head.parameters()) + list(model.head_out.parameters())
-    optimizer = torch.optim.Adam(params, lr=config.head_warmup_lr)
+    optimizer = torch.optim.Adam(head_parameters(model), lr=config.head_warmup_lr)
     model.train()
     t0 = time.perf_counter()
     tail: list[dict[str, float]] = []
@@ -494,13 +508,7 @@ def head_warmup(model: D2SNet, packed: PackedImages, config: D2STrainConfig, gen
         for iteration in range(iterations):
             for group in optimizer.param_groups:
                 group["lr"] = onecycle_lr(config.head_warmup_lr, iteration, iterations, config.onecycle_rise_fraction)
-            flat = sample_keypoints(packed, pool, config, generator)
-            descriptors = noisy_descriptors(packed.descriptors[flat.to(packed.descriptors.device)],
-                                            config.descriptor_noise, generator)
-            losses = head_losses(model, packed, pool, flat, config.synthetic_unlabelled, descriptors)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
+            losses = head_step(model, optimizer, packed, pool, config, generator)
             if iteration >= iterations - max(1, iterations // 20):
                 tail.append({k: float(v.detach()) for k, v in losses.items()})
             bar.update(1)
@@ -515,17 +523,13 @@ def head_warmup(model: D2SNet, packed: PackedImages, config: D2STrainConfig, gen
 def measure_head_step_seconds(model: D2SNet, packed: PackedImages, config: D2STrainConfig, steps: int = 4) -> float:
     """Seconds per head warm-up step, from throw-away steps on a copy of the model."""
     probe = copy.deepcopy(model).train()
-    optimizer = torch.optim.Adam(list(probe.head.parameters()) + list(probe.head_out.parameters()), lr=config.head_warmup_lr)
+    optimizer = torch.optim.Adam(head_parameters(probe), lr=config.head_warmup_lr)
     pool = keypoint_pool(packed)
     generator = torch.Generator().manual_seed(config.seed + 104729)
     times = []
     for _ in range(max(2, steps)):
         t0 = time.perf_counter()
-        losses = head_losses(probe, packed, pool, sample_keypoints(packed, pool, config, generator),
-                             config.synthetic_unlabelled)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
+        head_step(probe, optimizer, packed, pool, config, generator)
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:]))
 
@@ -717,10 +721,10 @@ def train_d2s(
 
     probe = train_probe(real)
 
-    def curve_point(iteration: int, elapsed: float) -> None:
+    def curve_point(iteration: int, elapsed: float, **marks: Any) -> None:
         if config.curve_points == 0:
             return
-        curves.append({"iteration": iteration, "seconds": elapsed,
+        curves.append({"iteration": iteration, "seconds": elapsed, **marks,
                        "lr": learning_rate(config, max(0, iteration - 1)) if iteration else learning_rate(config, 0),
                        "train": score_images(model, probe, device),
                        "validation": score_images(model, validation, device) if validation else None})
@@ -752,10 +756,7 @@ def train_d2s(
                 curves[0]["lr"] = learning_rate(config, 0)
         if config.head_warmup_iterations:
             warmup_summary = head_warmup(model, packed, config, generator, config.head_warmup_iterations, progress)
-            if config.curve_points:
-                curves.append({"iteration": 0, "seconds": time.perf_counter() - t_begin, "after_head_warmup": True,
-                               "lr": learning_rate(config, 0), "train": score_images(model, probe, device),
-                               "validation": score_images(model, validation, device) if validation else None})
+            curve_point(0, time.perf_counter() - t_begin, after_head_warmup=True)
         seconds_before = time.perf_counter() - t_begin  # planning is part of the training's time
     curve_every = max(1, config.iterations // config.curve_points) if config.curve_points else 0
 

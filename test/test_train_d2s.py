@@ -358,7 +358,7 @@ def test_head_warmup_batches_mix_sources_by_keypoint():
     assert len(pool.real) == 150 and len(pool.synthetic) == 160
     assert pool.is_synthetic.sum() == 160 and not pool.is_synthetic[:150].any()
     config = D2STrainConfig(head_warmup_batch=1000, synthetic_ratio=0.3)
-    flat = torch.cat([sample_keypoints(packed, pool, config, torch.Generator().manual_seed(s)) for s in range(20)])
+    flat = torch.cat([sample_keypoints(pool, config, torch.Generator().manual_seed(s)) for s in range(20)])
     assert len(flat) == 20_000
     share = float(pool.is_synthetic[flat].float().mean())
     assert share == pytest.approx(0.3, abs=0.02)
