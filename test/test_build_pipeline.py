@@ -161,11 +161,12 @@ def test_cli_training_options_reach_the_build_config():
     from offline.build import profile_config
     from offline.cli import build_config_from_args, build_parser
 
-    # No option: the fast profile as it is (the recipe docs/BENCHMARKS.md "seeds-recipe" measured).
+    # No option: the fast profile as it is (the recipe docs/BENCHMARKS.md "seeds-recipe" and
+    # "seeds-it6000" measured).
     fast = build_config_from_args(build_parser().parse_args(["build", "src", "--out", "m"]))
     assert fast == profile_config("fast")
     assert (fast.model_layers, fast.model_head_dims, fast.train_lr_schedule, fast.train_iterations) == \
-        (1, (512, 512, 512), "cosine", 4000)
+        (1, (512, 512, 512), "cosine", 6000)
     args = build_parser().parse_args(["build", "src", "--out", "m", "--model-layers", "3", "--model-head", "256,256",
                                       "--lr-schedule", "steps", "--train-iterations", "3000", "--head-warmup", "500",
                                       "--head-warmup-batch", "4096", "--descriptor-noise", "0.1",
