@@ -148,7 +148,8 @@ def build_config_from_args(args) -> "BuildConfig":
     config.extractor_backend, config.extractor_threads = args.extractor_backend, args.num_threads
     if args.num_threads:  # one budget for every CPU stage: also D2S and NeRF training
         config.train_threads = args.num_threads
-    config.synthesis = not args.no_synthesis
+    if args.synthesis is not None:  # else the profile's choice
+        config.synthesis = args.synthesis
     for name in ("labels", "synthetic_labels", "synthetic_unlabelled", "synthesis_renderer", "device", "seed",
                  "train_seed", "matcher"):
         if getattr(args, name) is not None:
@@ -359,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local features (default aliked); xfeat: 64-d, several times faster on a CPU")
     b.add_argument("--max-keypoints", type=int)
     b.add_argument("--profile", choices=["fast", "paper"], default="fast")
-    b.add_argument("--no-synthesis", action="store_true", help="train D2S on the real frames only")
+    b.add_argument("--synthesis", action=argparse.BooleanOptionalAction, default=None,
+                   help="NeRF (or --synthesis-renderer) descriptor synthesis before D2S training; --no-synthesis "
+                        "trains D2S on the real frames only (default: the profile's; see README, NeRF synthesis)")
     b.add_argument("--labels", choices=["triangulation", "depth", "both"], help="3D labels of the mapping keypoints")
     b.add_argument("--synthetic-labels", choices=["matches", "depth", "both"])
     b.add_argument("--matcher", choices=["auto", "lightglue", "mnn"], help="default auto: LightGlue unless the extractor is SIFT")

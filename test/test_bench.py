@@ -90,7 +90,8 @@ def test_training_options_tag_every_variant_and_reach_the_build(tmp_path):
         cmd = variant_build_command(args, 0.04, variant, tmp_path / f"f0.04_{variant}", tmp_path / "f0.04.work")
         shown = shlex.join(cmd)
         assert "--train-seed 1" in shown and "--train-iterations 500" in shown and "--synthesis-max-poses 60" in shown
-        assert ("--no-synthesis" in cmd) == (variant == "none")
+        # Explicit both ways: the arms must not depend on the profile's synthesis default.
+        assert ("--no-synthesis" in cmd) == (variant == "none") and ("--synthesis" in cmd) == (variant != "none")
         assert ("--synthetic-labels depth" in shown) == (variant == "depth")
     assert ablation_command(args).endswith("--train-seed 1 --train-iterations 500 --synthesis-max-poses 60")
     # The fast profile's own budget, given explicitly, is the default: no tag, not in the shown command.

@@ -178,6 +178,20 @@ def test_cli_training_options_reach_the_build_config():
             config.augment_per_image) == (500, 4096, 0.1, 8)
 
 
+def test_cli_synthesis_flag_overrides_the_profile_either_way():
+    from offline.build import profile_config
+    from offline.cli import build_config_from_args, build_parser
+
+    def synthesis(*flags: str, profile: str = "fast") -> bool:
+        args = build_parser().parse_args(["build", "src", "--out", "m", "--profile", profile, *flags])
+        return build_config_from_args(args).synthesis
+
+    for profile in ("fast", "paper"):
+        assert synthesis(profile=profile) == profile_config(profile).synthesis
+        assert synthesis("--synthesis", profile=profile) is True
+        assert synthesis("--no-synthesis", profile=profile) is False
+
+
 def test_cli_empty_selection_is_an_error(demo, tmp_path):
     proc = _cli("build", str(demo["root"] / "bag"), "--out", str(tmp_path / "m"), "--fraction", "0.0001",
                 "--no-synthesis", "--extractor", "sift")

@@ -89,7 +89,7 @@ def options_build_flags(args, variant: str, synthesis_only: bool = False) -> lis
 def variant_build_command(args, fraction: float, variant: str, map_dir: Path, work: Path) -> list[str]:
     cmd = d2s_nerf() + ["build", args.data, "--out", str(map_dir), "--work-dir", str(work), "--fraction", str(fraction),
                         "--profile", "fast", "--extractor", args.extractor, "--seed", str(args.seed), "--quiet"]
-    cmd += ["--no-synthesis"] if variant == "none" else ["--synthetic-labels", variant]
+    cmd += ["--no-synthesis"] if variant == "none" else ["--synthesis", "--synthetic-labels", variant]
     return cmd + options_build_flags(args, variant)
 
 

@@ -22,8 +22,10 @@ def bench_core(args) -> None:
                               "--profile", "fast", "--extractor", args.extractor, "--quiet"]
     # Without --synthesis the core benchmark measures D2S alone; with it, the whole default build
     # (NeRF, renders, filter, synthetic labels) and its time, stage by stage.
-    build_cmd += ["--synthetic-ratio", str(args.synthetic_ratio)] if args.synthesis and args.synthetic_ratio is not None \
-        else ([] if args.synthesis else ["--no-synthesis"])
+    if not args.synthesis:
+        build_cmd += ["--no-synthesis"]
+    else:
+        build_cmd += ["--synthesis"] + ([] if args.synthetic_ratio is None else ["--synthetic-ratio", str(args.synthetic_ratio)])
     if args.work_dir:
         # e.g. the synthesis ablation's work directory: its cached stages and training are reused
         build_cmd += ["--work-dir", args.work_dir]

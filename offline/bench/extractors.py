@@ -44,7 +44,7 @@ def bench_extractors(args) -> None:
         map_dir = runs / f"extractors_{extractor}"
         build_cmd = d2s_nerf() + ["build", str(args.data), "--out", str(map_dir), "--fraction", str(args.fraction),
                                   "--profile", "fast", "--extractor", extractor, "--work-dir", str(work_dir), "--quiet"]
-        build_cmd += [] if args.synthesis else ["--no-synthesis"]
+        build_cmd += ["--synthesis"] if args.synthesis else ["--no-synthesis"]
         first_sample = len(LOAD_SAMPLES)
         build_s = run(build_cmd, log)
         build_load = LOAD_SAMPLES[first_sample:]

@@ -118,7 +118,7 @@ def bench_seeds(args) -> None:
 
 - Command: `.venv/bin/python scripts/benchmark.py seeds --name {args.name} --fraction {args.fraction} --seeds {' '.join(map(str, args.seeds))} --query-every {args.query_every} --baseline {shlex.quote(args.baseline)} --variant {shlex.quote(args.variant)} --label-a {shlex.quote(args.label_a)} --label-b {shlex.quote(args.label_b)}`
   (one build: `{entries_a[0]['command']}`)
-- Machine: {machine()}; date {datetime.date.today().isoformat()}{load}; D2S trains on every core unless the flags give `--num-threads`; one build at a time.
+- Machine: {machine()}; date {datetime.date.today().isoformat()}{load}; D2S trains on every core unless the flags give `--num-threads`; {'one build at a time' if not args.note else 'how the builds ran: ' + args.note}.
 - Queries: {len(names)} frames (every {args.query_every}. frame that is neither one of the {entries_a[0]['training'].get('n_real_images', '?')} mapping frames nor one of the {n_frames} validation frames); a failed query counts as an infinite error. {SAME_RECORDING_NOTE}
 - Paired change: median error of arm B over arm A, minus 1; 95 % interval from {paired['t'].get('n_resamples', '?')} bootstrap resamples of the seeds (within each arm) and of blocks of {paired['t']['block_length']} consecutive queries (shared by both arms).
 
@@ -148,6 +148,8 @@ def add_seeds_parser(sub, default_data: str) -> None:
     s.add_argument("--label-b", default="variant")
     s.add_argument("--reuse", action="store_true", help="keep maps an earlier run of this command built")
     s.add_argument("--report-only", action="store_true", help="write the section from the saved summary")
+    s.add_argument("--note", default="", help="how the runs were made, when not one build at a time on an idle "
+                                              "machine (e.g. two arms side by side); printed under the machine line")
 
     def run_it(args) -> None:
         if len(args.seeds) < 3 and not args.report_only:
