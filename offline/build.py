@@ -137,9 +137,9 @@ def profile_config(profile: str) -> BuildConfig:
         # of training on 2 idle cores, inside a 15-minute budget) lowered the median error over
         # 3 seeds (docs/BENCHMARKS.md, "seeds-it6000").
         # Synthesis off: with this recipe and 10 RedKitchen mapping frames (the sparse regime the
-        # paper targets), neither NeRF renders nor RGB-D warps lowered the median error measurably
-        # over 3 seeds (docs/BENCHMARKS.md, "seeds-s10nerf" and "seeds-s10warp"), and the NeRF
-        # costs about 12 minutes on 2 cores. `--synthesis` turns it on; the paper profile keeps it.
+        # paper targets), NeRF renders changed the median error by -6 % [-19 %, +19 %] over 3 seeds
+        # and RGB-D warps showed no gain on their 2 valid seeds (docs/BENCHMARKS.md, "seeds-s10nerf"
+        # and "seeds-s10warp"), and the NeRF stage costs about 12 minutes on 2 cores. `--synthesis` turns it on; the paper profile keeps it.
         # Depth labels (where the source has depth) label ~80 % of the keypoints instead of ~20 %
         # and skip the matching stage; 4 augmented copies per frame keep the feature re-extraction
         # to a few minutes.

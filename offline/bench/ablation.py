@@ -16,7 +16,7 @@ from offline.bench.common import (DEFAULT_DATA, LOAD_SAMPLES, REPO, d2s_nerf, fm
                                   write_section)
 
 ABLATION_VARIANTS = ("none", "matches", "depth", "both")
-# The fast profile's budget until 2026-12-02 (it now trains 4000): kept so the maps and sections
+# The fast profile's budget until 2026-12-02 (it now trains 6000): kept so the maps and sections
 # measured with it stay untagged; another budget tags its maps and section.
 ABLATION_TRAIN_ITERATIONS = 3000
 

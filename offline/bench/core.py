@@ -20,7 +20,7 @@ def bench_core(args) -> None:
     map_dir = runs / "core_map"
     build_cmd = d2s_nerf() + ["build", args.data, "--out", str(map_dir), "--fraction", str(args.fraction),
                               "--profile", "fast", "--extractor", args.extractor, "--quiet"]
-    # Without --synthesis the core benchmark measures D2S alone; with it, the whole default build
+    # Without --synthesis the core benchmark measures D2S alone; with it, the whole build with synthesis
     # (NeRF, renders, filter, synthetic labels) and its time, stage by stage.
     if not args.synthesis:
         build_cmd += ["--no-synthesis"]

@@ -142,8 +142,10 @@ def add_seeds_parser(sub, default_data: str) -> None:
     s.add_argument("--fraction", type=float, default=0.04)
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     s.add_argument("--query-every", type=int, default=1)
-    s.add_argument("--baseline", default="--no-synthesis", help="build flags of arm A (one quoted string)")
-    s.add_argument("--variant", required=True, help="build flags of arm B (one quoted string)")
+    s.add_argument("--baseline", default="--no-synthesis",
+                   help="build flags of arm A (one quoted string; a single flag needs '=': --baseline=--synthesis)")
+    s.add_argument("--variant", required=True,
+                   help="build flags of arm B (one quoted string; a single flag needs '=': --variant=--no-synthesis)")
     s.add_argument("--label-a", default="baseline")
     s.add_argument("--label-b", default="variant")
     s.add_argument("--reuse", action="store_true", help="keep maps an earlier run of this command built")
