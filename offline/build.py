@@ -74,6 +74,8 @@ class BuildConfig:
     train_head_warmup: int = 0          # head-only steps on shuffled keypoints before the full model (offline/train_d2s.py)
     train_head_warmup_batch: int = 8192  # keypoints per head warm-up step
     train_descriptor_noise: float = 0.0  # relative Gaussian noise on training descriptors (offline/train_d2s.py)
+    train_reprojection_keypoints: str = "labelled"  # which keypoints the reprojection term sees (offline/train_d2s.py)
+    train_reprojection_weight: float = 1.0          # its weight (the synthesis paper's code: 10)
     validation_frames: int = 6          # non-mapping frames for the learning curves, never scored as queries
     # Posed non-mapping frames of the source on which the map's error model (pose covariance) is
     # measured (offline/error_model_fit.py); 0, or a source without such frames: the fallback model.
@@ -108,7 +110,13 @@ class BuildConfig:
         self.model_head_dims = tuple(int(d) for d in self.model_head_dims)
         if self.synthesis_keep_fraction is not None and not 0.0 <= self.synthesis_keep_fraction <= 1.0:
             raise ValueError(f"synthesis keep fraction must be in [0, 1], got {self.synthesis_keep_fraction}")
-        from offline.train_d2s import LOSS_REDUCTIONS, LR_SCHEDULES, SYNTHETIC_UNLABELLED
+        from offline.train_d2s import LOSS_REDUCTIONS, LR_SCHEDULES, REPROJECTION_KEYPOINTS, SYNTHETIC_UNLABELLED
+
+        if self.train_reprojection_keypoints not in REPROJECTION_KEYPOINTS:
+            raise ValueError(f"train_reprojection_keypoints must be one of {', '.join(REPROJECTION_KEYPOINTS)}, "
+                             f"got {self.train_reprojection_keypoints!r}")
+        if not (math.isfinite(self.train_reprojection_weight) and self.train_reprojection_weight >= 0):
+            raise ValueError(f"train_reprojection_weight must be >= 0, got {self.train_reprojection_weight}")
 
         if self.train_lr_schedule not in LR_SCHEDULES or self.train_loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"train_lr_schedule must be one of {LR_SCHEDULES} and train_loss_reduction one of "
@@ -571,7 +579,8 @@ def training_stage(runner: StageRunner, config: BuildConfig, labels: RealLabels,
         early_images_per_batch=config.train_early_batch[0] if config.train_early_batch else None,
         early_keypoints_per_image=config.train_early_batch[1] if config.train_early_batch else None,
         head_warmup_iterations=config.train_head_warmup, head_warmup_batch=config.train_head_warmup_batch,
-        descriptor_noise=config.train_descriptor_noise)
+        descriptor_noise=config.train_descriptor_noise, reprojection_keypoints=config.train_reprojection_keypoints,
+        reprojection_weight=config.train_reprojection_weight)
     key = fingerprint(labels.key, augmentation.config, synthesis.key, model_cfg, train_cfg)
     t0 = time.perf_counter()
     threads_before = torch.get_num_threads()

@@ -161,7 +161,9 @@ def build_config_from_args(args) -> "BuildConfig":
                        ("early_batch", "train_early_batch"), ("validation_frames", "validation_frames"),
                        ("head_warmup", "train_head_warmup"), ("head_warmup_batch", "train_head_warmup_batch"),
                        ("model_layers", "model_layers"), ("model_head", "model_head_dims"),
-                       ("augment_per_image", "augment_per_image"), ("descriptor_noise", "train_descriptor_noise")):
+                       ("augment_per_image", "augment_per_image"), ("descriptor_noise", "train_descriptor_noise"),
+                       ("reprojection_keypoints", "train_reprojection_keypoints"),
+                       ("reprojection_weight", "train_reprojection_weight")):
         if getattr(args, flag) is not None:
             setattr(config, name, getattr(args, flag))
     if args.nerf_iterations:
@@ -388,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--head-warmup-batch", type=int, metavar="KEYPOINTS", help="keypoints per head warm-up step (8192)")
     b.add_argument("--descriptor-noise", type=float, metavar="SIGMA",
                    help="D2S training: Gaussian noise on each descriptor, SIGMA times its norm (default 0)")
+    b.add_argument("--reprojection-keypoints", choices=["labelled", "unlabelled", "all"],
+                   help="keypoints the D2S reprojection term (last 20 %% of training) sees: labelled (default), "
+                        "unlabelled (the published D2S code: puts keypoints without a 3D label on their ray) or all")
+    b.add_argument("--reprojection-weight", type=float, metavar="W",
+                   help="weight of the D2S reprojection term (default 1; the synthesis paper's code uses 10)")
     b.add_argument("--model-layers", type=int, help="D2S attention layers (fast 1, paper 5)")
     b.add_argument("--model-head", type=_int_list, metavar="DIMS",
                    help="D2S regression head widths, comma-separated (fast 512,512,512; paper 512,1024,1024,512)")

@@ -79,6 +79,11 @@ MIN_DEPTH_M = 0.1  # predictions closer than this (or behind the camera) get no 
 SYNTHETIC_UNLABELLED = ("unreliable", "ignored")
 LR_SCHEDULES = ("steps", "cosine", "onecycle")
 LOSS_REDUCTIONS = ("normalised", "published")
+# Which keypoints the reprojection term sees. "labelled" (this package's default): the labelled
+# ones, as a second, view-consistent pull next to the 3D loss. "unlabelled" (the published D2S
+# code): only keypoints without a 3D label, for which it is the only geometric signal (it puts
+# them on their viewing ray). "all": both.
+REPROJECTION_KEYPOINTS = ("labelled", "unlabelled", "all")
 CURVES_NAME = "learning_curves.json"
 BUDGET_MARGIN = 0.95  # of train_minutes planned for: step times drift on a shared machine
 ONECYCLE_START_DIVISOR = 25.0
@@ -128,6 +133,7 @@ class D2STrainConfig:
     head_warmup_iterations: int = added_field(0)        # head-only steps before the full model (0: none)
     head_warmup_batch: int = added_field(8192)          # keypoints per head warm-up step
     head_warmup_lr: float = added_field(3e-3)           # the warm-up's OneCycle peak
+    reprojection_keypoints: str = added_field("labelled")  # REPROJECTION_KEYPOINTS
 
     def __post_init__(self) -> None:
         self.lr_halving_fractions = tuple(float(f) for f in self.lr_halving_fractions)
@@ -149,6 +155,11 @@ class D2STrainConfig:
             raise ValueError("checkpoint_every and log_every must be >= 1")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.reprojection_keypoints not in REPROJECTION_KEYPOINTS:
+            raise ValueError(f"reprojection_keypoints must be one of {', '.join(REPROJECTION_KEYPOINTS)}, "
+                             f"got {self.reprojection_keypoints!r}")
+        if not (math.isfinite(self.reprojection_weight) and self.reprojection_weight >= 0):
+            raise ValueError(f"reprojection_weight must be >= 0, got {self.reprojection_weight}")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}, got {self.loss_reduction!r}")
         for name in ("onecycle_rise_fraction", "early_fraction"):
@@ -391,7 +402,8 @@ def sample_batch(packed: PackedImages, config: D2STrainConfig, generator: torch.
 
 
 def batch_losses(model: D2SNet, batch: Batch, tau_px: float | None, median_depth: float,
-                 reprojection_weight: float, reduction: str = "normalised") -> dict[str, torch.Tensor]:
+                 reprojection_weight: float, reduction: str = "normalised",
+                 reprojection_keypoints: str = "labelled") -> dict[str, torch.Tensor]:
     xyz_hat, u = model(batch.descriptors, batch.mask)
     xyz_hat, u = xyz_hat.float(), u.float()
     r = reliability(u)
@@ -424,8 +436,13 @@ def batch_losses(model: D2SNet, batch: Batch, tau_px: float | None, median_depth
         robust_px = tau_px * torch.tanh(err_px / tau_px)
         # pixels -> radians (divide by the focal length) -> metres at the median label depth
         robust_m = robust_px / f.mean(-1) * median_depth
-        use = valid * in_front.float()
-        reproj_loss = reprojection_weight * (robust_m * use).sum() / n_valid
+        real = batch.mask.float()
+        seen_by_term = {"labelled": valid, "unlabelled": real - valid, "all": real}[reprojection_keypoints]
+        use = seen_by_term * in_front.float()
+        # Normalised: a mean over the keypoints the term sees (for "labelled" that is n_valid).
+        # Published: sums per image, mean over images, like the other terms.
+        n_seen = n_valid if published or reprojection_keypoints == "labelled" else seen_by_term.sum().clamp(min=1.0)
+        reproj_loss = reprojection_weight * (robust_m * use).sum() / n_seen
 
     loss = xyz_loss + rel_loss + reproj_loss
     return {"loss": loss, "xyz_loss": xyz_loss, "rel_loss": rel_loss, "reproj_loss": reproj_loss}
@@ -621,7 +638,8 @@ def _training_step(model: D2SNet, optimizer: torch.optim.Optimizer, batch: Batch
                    median_depth: float, config: D2STrainConfig, device: torch.device,
                    use_amp: bool) -> dict[str, torch.Tensor]:
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-        losses = batch_losses(model, batch, tau_px, median_depth, config.reprojection_weight, config.loss_reduction)
+        losses = batch_losses(model, batch, tau_px, median_depth, config.reprojection_weight, config.loss_reduction,
+                              config.reprojection_keypoints)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     optimizer.step()

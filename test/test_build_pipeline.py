@@ -150,6 +150,8 @@ def test_cli_rejects_bad_synthesis_options_before_reading_the_source(tmp_path, o
     ("--head-warmup", "-5", 1, "train_head_warmup must be >= 0"),
     ("--descriptor-noise", "-0.1", 1, "train_descriptor_noise must be >= 0"),
     ("--augment-per-image", "-1", 1, "augment_per_image must be >= 0"),
+    ("--reprojection-keypoints", "some", 2, "invalid choice"),
+    ("--reprojection-weight", "-1", 1, "train_reprojection_weight must be >= 0"),
 ])
 def test_cli_rejects_bad_training_options_before_reading_the_source(tmp_path, option, value, code, message):
     proc = _cli("build", str(tmp_path / "does-not-exist"), "--out", str(tmp_path / "m"), option, value)
@@ -170,12 +172,14 @@ def test_cli_training_options_reach_the_build_config():
     args = build_parser().parse_args(["build", "src", "--out", "m", "--model-layers", "3", "--model-head", "256,256",
                                       "--lr-schedule", "steps", "--train-iterations", "3000", "--head-warmup", "500",
                                       "--head-warmup-batch", "4096", "--descriptor-noise", "0.1",
-                                      "--augment-per-image", "8"])
+                                      "--augment-per-image", "8", "--reprojection-keypoints", "unlabelled",
+                                      "--reprojection-weight", "10"])
     config = build_config_from_args(args)
     assert (config.model_layers, config.model_head_dims, config.train_lr_schedule, config.train_iterations) == \
         (3, (256, 256), "steps", 3000)
     assert (config.train_head_warmup, config.train_head_warmup_batch, config.train_descriptor_noise,
             config.augment_per_image) == (500, 4096, 0.1, 8)
+    assert (config.train_reprojection_keypoints, config.train_reprojection_weight) == ("unlabelled", 10.0)
 
 
 def test_cli_synthesis_flag_overrides_the_profile_either_way():

@@ -90,7 +90,7 @@ def test_a_field_added_later_counts_only_away_from_its_default():
     added_later = {"synthetic_unlabelled", "lr_schedule", "onecycle_rise_fraction", "loss_reduction",
                    "early_images_per_batch", "early_keypoints_per_image", "early_fraction", "train_minutes",
                    "calibration_steps", "curve_points", "descriptor_noise", "head_warmup_iterations",
-                   "head_warmup_batch", "head_warmup_lr"}
+                   "head_warmup_batch", "head_warmup_lr", "reprojection_keypoints"}
     before = {k: v for k, v in to_jsonable(D2STrainConfig()).items() if k not in added_later}
     assert fingerprint(D2STrainConfig()) == fingerprint(before)
     assert fingerprint(D2STrainConfig(synthetic_unlabelled="ignored")) != fingerprint(before)
@@ -99,6 +99,7 @@ def test_a_field_added_later_counts_only_away_from_its_default():
     assert fingerprint(D2STrainConfig(curve_points=3)) == fingerprint(before)
     assert fingerprint(D2STrainConfig(head_warmup_iterations=10)) != fingerprint(before)
     assert fingerprint(D2STrainConfig(descriptor_noise=0.1)) != fingerprint(before)
+    assert fingerprint(D2STrainConfig(reprojection_keypoints="unlabelled")) != fingerprint(before)
     # to_jsonable (manifests, reports) still writes every field.
     assert to_jsonable(D2STrainConfig())["synthetic_unlabelled"] == "unreliable"
 

@@ -148,6 +148,57 @@ def test_losses_match_an_independent_computation():
         losses["xyz_loss"].item() + losses["rel_loss"].item() + losses["reproj_loss"].item(), rel=1e-5)
 
 
+def test_reprojection_term_sees_the_keypoints_it_is_told_to():
+    # The published D2S code applies the reprojection term to keypoints *without* a 3D label;
+    # this package's default applies it to the labelled ones. Checked against per-keypoint
+    # projections with cv2, for each choice and for both reductions.
+    rng = np.random.default_rng(11)
+    images = [geometric_image(rng, f"u{i}", 80 + 10 * i, 32, valid_fraction=0.5) for i in range(2)]
+    torch.manual_seed(0)
+    model = D2SNet(D2SConfig(32, **SMALL)).eval()
+    labelled = np.concatenate([im.points3D[im.valid] for im in images])
+    model.set_coordinate_frame(torch.from_numpy(np.median(labelled, axis=0)), 0.3)
+    config = D2STrainConfig(iterations=10, images_per_batch=2, max_keypoints_per_image=1000, device="cpu")
+    packed = pack_images(images, 32, torch.device("cpu"), [False, False])
+    batch = sample_batch(packed, config, torch.Generator().manual_seed(0), torch.device("cpu"))
+    tau = 5000.0  # wide enough that tanh does not saturate, so that each keypoint's error counts
+    with torch.no_grad():
+        xyz, _ = model(batch.descriptors, batch.mask)
+        got = {(which, red): batch_losses(model, batch, tau, 2.0, 2.0, reduction=red,
+                                          reprojection_keypoints=which)["reproj_loss"].item()
+               for which in ("labelled", "unlabelled", "all") for red in ("normalised", "published")}
+    terms = {"labelled": [], "unlabelled": []}   # per image: robust errors in metres
+    for b in range(2):
+        m = batch.mask[b].numpy()
+        image = next(im for im in images if len(im.keypoints) == m.sum())
+        order = [int(np.flatnonzero((image.descriptors == d).all(1))[0]) for d in batch.descriptors[b][m].numpy()]
+        pred = xyz[b][m].numpy().astype(np.float64)
+        T_cam_world = invert_pose(image.T_world_cam)
+        rvec, _ = cv2.Rodrigues(T_cam_world[:3, :3])
+        uv, _ = cv2.projectPoints(pred, rvec, T_cam_world[:3, 3], CAMERA.K, None)
+        z = (pred @ T_cam_world[:3, :3].T + T_cam_world[:3, 3])[:, 2]
+        err = np.linalg.norm(uv.reshape(-1, 2) - image.keypoints[order], axis=1)
+        metres = np.where(z > 0.1, tau * np.tanh(err / tau), 0.0) / CAMERA.fx * 2.0
+        valid = image.valid[order]
+        terms["labelled"].append(metres[valid])
+        terms["unlabelled"].append(metres[~valid])
+    terms["all"] = [np.concatenate(pair) for pair in zip(terms["labelled"], terms["unlabelled"])]
+    n_labelled = sum(len(t) for t in terms["labelled"])
+    assert 0 < n_labelled < int(batch.mask.sum())
+    for which in ("labelled", "unlabelled", "all"):
+        per_image = terms[which]
+        # normalised: a mean over the keypoints seen (the labelled count for "labelled", as before)
+        assert got[(which, "normalised")] == pytest.approx(
+            2.0 * sum(t.sum() for t in per_image) / sum(len(t) for t in per_image), rel=1e-4)
+        # published: per-image sums, mean over the images
+        assert got[(which, "published")] == pytest.approx(2.0 * np.mean([t.sum() for t in per_image]), rel=1e-4)
+    assert got[("unlabelled", "normalised")] != pytest.approx(got[("labelled", "normalised")], rel=1e-3)
+    with pytest.raises(ValueError, match="reprojection_keypoints"):
+        D2STrainConfig(reprojection_keypoints="some")
+    with pytest.raises(ValueError, match="reprojection_weight"):
+        D2STrainConfig(reprojection_weight=-1.0)
+
+
 def test_batches_subsample_keypoints_and_mix_synthetic_images():
     rng = np.random.default_rng(2)
     real = [geometric_image(rng, f"r{i}", 300, 16) for i in range(3)]
