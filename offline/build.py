@@ -146,8 +146,9 @@ def profile_config(profile: str) -> BuildConfig:
         # 3 seeds (docs/BENCHMARKS.md, "seeds-it6000").
         # Synthesis off: with this recipe and 10 RedKitchen mapping frames (the sparse regime the
         # paper targets), NeRF renders changed the median error by -6 % [-19 %, +19 %] over 3 seeds
-        # and RGB-D warps -10 % [-24 %, +9 %] (docs/BENCHMARKS.md, "seeds-s10nerf"
-        # and "seeds-s10warp"), and the NeRF stage costs about 12 minutes on 2 cores. `--synthesis` turns it on; the paper profile keeps it.
+        # and RGB-D warps -10 % [-24 %, +9 %] (docs/BENCHMARKS.md, "seeds-s10nerf" and
+        # "seeds-s10warp"), and the NeRF stage costs about 12 minutes on 2 cores. `--synthesis`
+        # turns it on; the paper profile keeps it.
         # Depth labels (where the source has depth) label ~80 % of the keypoints instead of ~20 %
         # and skip the matching stage; 4 augmented copies per frame keep the feature re-extraction
         # to a few minutes.

@@ -441,7 +441,7 @@ def batch_losses(model: D2SNet, batch: Batch, tau_px: float | None, median_depth
         use = seen_by_term * in_front.float()
         # Normalised: a mean over the keypoints the term sees (for "labelled" that is n_valid).
         # Published: sums per image, mean over images, like the other terms.
-        n_seen = n_valid if published or reprojection_keypoints == "labelled" else seen_by_term.sum().clamp(min=1.0)
+        n_seen = n_valid if published else seen_by_term.sum().clamp(min=1.0)
         reproj_loss = reprojection_weight * (robust_m * use).sum() / n_seen
 
     loss = xyz_loss + rel_loss + reproj_loss
